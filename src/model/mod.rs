@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! PatchFlow (Zhang et al., "PatchFlow", arXiv 2602.05238) as anomalib 2.7.0 implements
+//! it in `anomalib/models/image/patchflow/torch_model.py`.
+//!
+//! The backbone runs at `num_scales` input resolutions (`input / 2^s`, plain bilinear).
+//! Its stride-8, -16 and -32 feature maps are average-pooled (`patch_size`, zero padding
+//! counted), resized to the stride-8 grid and concatenated; a 1x1 adaptor with bias
+//! maps them to `flow_feature_dim` channels, and a normalizing flow maps those to `z`.
+//! The anomaly map is `-exp(-0.5 mean_c z^2)` resized to the input, and the image score
+//! is its maximum.
+
+pub mod config;
+pub mod efficientnet;
+pub mod flow;
+pub mod ops;
+pub mod weights;
+
+use candle_core::{D, DType, Device, Result as CandleResult, Tensor};
+
+pub use config::{ModelConfig, Preprocess};
+pub use weights::{ModelError, Weights};
+
+use crate::imageops::ResizeMode;
+use efficientnet::{EfficientNet, EfficientNetConfig, FEATURE_STAGES};
+use flow::{BlockDims, Flow};
+
+/// Key prefixes of the three parts of a model file.
+pub const BACKBONE_PREFIX: &str = "backbone";
+pub const ADAPTOR_PREFIX: &str = "feature_adaptor";
+pub const FLOW_PREFIX: &str = "flow";
+
+/// Outputs of a forward pass in eval mode.
+#[derive(Debug)]
+pub struct Inference {
+    /// Anomaly map (B, 1, H, W) at the input size, values in [-1, 0].
+    pub anomaly_map: Tensor,
+    /// Image scores (B,): the maximum of the map before any crop padding.
+    pub score: Tensor,
+}
+
+/// A PatchFlow model: frozen backbone, trainable adaptor and flow.
+#[derive(Debug)]
+pub struct PatchFlow {
+    config: ModelConfig,
+    backbone: EfficientNet,
+    adaptor_w: Tensor,
+    adaptor_b: Tensor,
+    flow: Flow,
+    weights: Weights,
+}
+
+impl PatchFlow {
+    /// Builds the model from weights named `backbone.*`, `feature_adaptor.*` and
+    /// `flow.module_list.{k}.*`.
+    pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self, ModelError> {
+        config.validate().map_err(ModelError::InvalidConfig)?;
+        let backbone_cfg = backbone_config(&config.backbone)?;
+        let backbone = EfficientNet::load(&weights.pp(BACKBONE_PREFIX), &backbone_cfg)?;
+        let fused = fused_channels(config, &backbone_cfg);
+        let f = config.flow_feature_dim;
+        let adaptor = weights.pp(ADAPTOR_PREFIX);
+        let adaptor_w = adaptor.get("weight", &[f, fused, 1, 1])?;
+        let adaptor_b = adaptor.get("bias", &[f])?;
+        let dims = BlockDims { channels: f, hidden: config.flow_hidden_dim };
+        let flow = Flow::load(&weights.pp(FLOW_PREFIX), config.flow_steps, dims)?;
+        Ok(Self { config: config.clone(), backbone, adaptor_w, adaptor_b, flow, weights: weights.clone() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        self.adaptor_w.device()
+    }
+
+    pub fn backbone(&self) -> &EfficientNet {
+        &self.backbone
+    }
+
+    pub fn flow(&self) -> &Flow {
+        &self.flow
+    }
+
+    /// The weights this model was built from. Flow BatchNorm running statistics may have
+    /// moved on since (see [`PatchFlow::tensors`]).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Every tensor of the model under its file name, with the current running statistics.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.weights.tensors().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (k, block) in self.flow.blocks.iter().enumerate() {
+            let (mean, var) = block.running_stats();
+            for (name, value) in [("running_mean", mean), ("running_var", var)] {
+                let key = format!("{FLOW_PREFIX}.module_list.{k}.subnet.2.{name}");
+                if let Some(entry) = out.iter_mut().find(|(n, _)| *n == key) {
+                    entry.1 = value;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Size (H, W) of the stride-8 grid that the flow works on.
+    pub fn grid_size(&self) -> (usize, usize) {
+        let [h, w] = self.config.internal_size();
+        let stride = self.backbone.config().stage_reduction(FEATURE_STAGES[0]);
+        (h / stride, w / stride)
+    }
+
+    /// Channels of the fused multi-scale features (the adaptor's input).
+    pub fn fused_channels(&self) -> usize {
+        fused_channels(&self.config, self.backbone.config())
+    }
+
+    /// Backbone features of a normalised input (B, 3, H, W), scale-major:
+    /// `[s0 L2, s0 L3, s0 L4, s1 L2, ...]`.
+    pub fn extract(&self, x: &Tensor) -> CandleResult<Vec<Tensor>> {
+        let x = self.crop(x)?;
+        let [h, w] = self.config.internal_size();
+        let mut feats = Vec::with_capacity(3 * self.config.num_scales);
+        for s in 0..self.config.num_scales {
+            let xs = if s == 0 { x.clone() } else { ops::resize(&x, (h >> s, w >> s), ResizeMode::Bilinear)? };
+            feats.extend(self.backbone.features(&xs, &FEATURE_STAGES)?);
+        }
+        Ok(feats)
+    }
+
+    /// Pools, resizes and concatenates backbone features into (B, C_fused, Hg, Wg).
+    pub fn fuse(&self, feats: &[Tensor]) -> CandleResult<Tensor> {
+        let grid = self.grid_size();
+        let pooled = feats
+            .iter()
+            .map(|f| ops::resize(&ops::avg_pool_same(f, self.config.patch_size)?, grid, ResizeMode::Bilinear))
+            .collect::<CandleResult<Vec<_>>>()?;
+        Tensor::cat(&pooled, 1)
+    }
+
+    /// Fused features of a normalised input: the frozen part of the model.
+    pub fn embed(&self, x: &Tensor) -> CandleResult<Tensor> {
+        self.fuse(&self.extract(x)?)
+    }
+
+    /// The 1x1 adaptor: (B, C_fused, Hg, Wg) -> (B, F, Hg, Wg).
+    pub fn adapt(&self, fused: &Tensor) -> CandleResult<Tensor> {
+        ops::pointwise(fused, &self.adaptor_w, Some(&self.adaptor_b))
+    }
+
+    /// Adaptor and flow on fused features: returns `(z, logdet)`.
+    pub fn flow_forward(&self, fused: &Tensor, train: bool) -> CandleResult<(Tensor, Tensor)> {
+        self.flow.forward(&self.adapt(fused)?, train)
+    }
+
+    /// Anomaly map at the internal size (B, 1, Hi, Wi) and image score (B,) from `z`.
+    pub fn anomaly_map(&self, z: &Tensor) -> CandleResult<(Tensor, Tensor)> {
+        let low = z.sqr()?.mean_keepdim(1)?.affine(-0.5, 0.0)?.exp()?.neg()?;
+        let [h, w] = self.config.internal_size();
+        let map = ops::resize(&low, (h, w), ResizeMode::Bilinear)?;
+        let score = map.flatten_from(1)?.max(D::Minus1)?;
+        Ok((map, score))
+    }
+
+    /// Per-patch `0.5 mean_c z^2` on the flow grid (B, 1, Hg, Wg): the negative log of
+    /// the map's magnitude, which does not saturate in float32.
+    pub fn log_map(&self, z: &Tensor) -> CandleResult<Tensor> {
+        z.sqr()?.mean_keepdim(1)?.affine(0.5, 0.0)
+    }
+
+    /// Full eval-mode forward pass on a normalised input at `input_size`.
+    pub fn forward(&self, x: &Tensor) -> CandleResult<Inference> {
+        let fused = self.embed(x)?;
+        let (z, _) = self.flow_forward(&fused, false)?;
+        let (map, score) = self.anomaly_map(&z)?;
+        Ok(Inference { anomaly_map: self.uncrop(&map)?, score })
+    }
+
+    fn crop(&self, x: &Tensor) -> CandleResult<Tensor> {
+        match self.config.crop_size {
+            Some([h, w]) => ops::centre_crop(x, (h, w)),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Pads a map made at the crop size with -1 back to the input size, split like the crop.
+    fn uncrop(&self, map: &Tensor) -> CandleResult<Tensor> {
+        let [ih, iw] = self.config.input_size;
+        let (_, _, h, w) = map.dims4()?;
+        if (h, w) == (ih, iw) {
+            return Ok(map.clone());
+        }
+        let pad = |t: &Tensor, dim: usize, before: usize, after: usize| -> CandleResult<Tensor> {
+            let shifted = t.affine(1.0, 1.0)?;
+            shifted.pad_with_zeros(dim, before, after)?.affine(1.0, -1.0)
+        };
+        let top = (ih - h) / 2;
+        let left = (iw - w) / 2;
+        let padded = pad(map, 2, top, ih - h - top)?;
+        pad(&padded, 3, left, iw - w - left)
+    }
+
+    /// Normalises an image (3, H, W) in [0, 1] at any size into the model input
+    /// (1, 3, Hin, Win): resize, then `(x - mean) / std`.
+    pub fn preprocess(&self, chw: &[f32], (h, w): (usize, usize)) -> CandleResult<Tensor> {
+        let [ih, iw] = self.config.input_size;
+        let p = &self.config.preprocess;
+        let mut data = crate::imageops::resize_planes(chw, 3, (h, w), (ih, iw), p.resize);
+        for (c, plane) in data.chunks_exact_mut(ih * iw).enumerate() {
+            let (mean, std) = (p.mean[c], p.std[c]);
+            for v in plane {
+                *v = (*v - mean) / std;
+            }
+        }
+        Tensor::from_vec(data, (1, 3, ih, iw), self.device())
+    }
+}
+
+/// Looks the backbone architecture up by its timm name.
+pub fn backbone_config(name: &str) -> Result<EfficientNetConfig, ModelError> {
+    EfficientNetConfig::from_name(name).ok_or_else(|| ModelError::UnknownBackbone {
+        name: name.to_string(),
+        supported: EfficientNetConfig::supported_names().join(", "),
+    })
+}
+
+fn fused_channels(config: &ModelConfig, backbone: &EfficientNetConfig) -> usize {
+    config.num_scales * backbone.stage_channels(&FEATURE_STAGES).iter().sum::<usize>()
+}
+
+/// Untrained adaptor and flow tensors for `config`, named as [`PatchFlow::new`] expects.
+/// The permutation of each flow block is drawn from `rng`.
+pub fn init_head_tensors(
+    config: &ModelConfig,
+    rng: &mut impl rand::Rng,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let backbone_cfg = backbone_config(&config.backbone)?;
+    let fused = fused_channels(config, &backbone_cfg);
+    let f = config.flow_feature_dim;
+    let bound = 1.0 / (fused as f64).sqrt();
+    let mut out = vec![
+        (format!("{ADAPTOR_PREFIX}.weight"), flow::uniform(rng, bound, &[f, fused, 1, 1], DType::F32, device)?),
+        (format!("{ADAPTOR_PREFIX}.bias"), flow::uniform(rng, bound, &[f], DType::F32, device)?),
+    ];
+    let dims = BlockDims { channels: f, hidden: config.flow_hidden_dim };
+    for k in 0..config.flow_steps {
+        let mut perm: Vec<usize> = (0..f).collect();
+        rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), rng);
+        for (name, t) in flow::init_block_tensors(dims, &perm, rng, DType::F32, device)? {
+            out.push((format!("{FLOW_PREFIX}.module_list.{k}.{name}"), t));
+        }
+    }
+    Ok(out)
+}

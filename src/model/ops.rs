@@ -1,0 +1,338 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Tensor operations that candle lacks or does slowly: TensorFlow "SAME" padding,
+//! depthwise convolution, 1x1 convolution as a matrix product, bilinear resize with
+//! half-pixel centres and zero-padded average pooling.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::imageops::{ResizeMode, resize_matrix};
+
+/// Padding (before, after) that TensorFlow's "SAME" mode adds to one axis: the output
+/// has `ceil(input / stride)` samples and the odd pixel goes after.
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = input.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(input);
+    (total / 2, total - total / 2)
+}
+
+/// Pads the two spatial axes of an NCHW tensor with zeros for a "SAME" convolution.
+pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (top, bottom) = same_padding(h, kernel, stride);
+    let (left, right) = same_padding(w, kernel, stride);
+    if top + bottom + left + right == 0 {
+        return Ok(x.clone());
+    }
+    x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)
+}
+
+/// Element-wise activation applied after a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu6,
+    Silu,
+}
+
+impl Activation {
+    fn apply_scalar(self, v: f32) -> f32 {
+        match self {
+            Activation::None => v,
+            Activation::Relu6 => v.clamp(0.0, 6.0),
+            Activation::Silu => v / (1.0 + (-v).exp()),
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::None => Ok(x.clone()),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+            Activation::Silu => x.silu(),
+        }
+    }
+}
+
+/// A convolution with a bias (BatchNorm already folded in) and a fused activation.
+///
+/// Depthwise and 1x1 convolutions take dedicated paths on the CPU; everything else uses
+/// candle's `conv2d`. Padding follows TensorFlow's "SAME" rule.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    weight: Tensor,
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    activation: Activation,
+    depthwise: Option<DepthwiseCpu>,
+}
+
+impl ConvBn {
+    /// Builds the layer from a conv weight (O, I/groups, K, K) and BatchNorm parameters.
+    pub fn fold(conv: &Tensor, bn: &BatchNormParams, stride: usize, groups: usize, activation: Activation) -> Result<Self> {
+        let (out_c, _, kernel, _) = conv.dims4()?;
+        let scale = (&bn.weight / (bn.running_var.affine(1.0, bn.eps)?.sqrt()?))?;
+        let weight = conv.broadcast_mul(&scale.reshape((out_c, 1, 1, 1))?)?;
+        let bias = (&bn.bias - (&bn.running_mean * &scale)?)?;
+        let depthwise = if groups > 1 && groups == out_c && conv.device().is_cpu() {
+            Some(DepthwiseCpu {
+                weight: weight.flatten_all()?.to_vec1::<f32>()?,
+                bias: bias.to_vec1::<f32>()?,
+                kernel,
+                stride,
+                activation,
+            })
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, kernel, stride, groups, activation, depthwise })
+    }
+}
+
+impl Module for ConvBn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(op) = &self.depthwise {
+            return x.contiguous()?.apply_op1_no_bwd(op);
+        }
+        let y = if self.kernel == 1 && self.stride == 1 && self.groups == 1 {
+            pointwise(x, &self.weight, Some(&self.bias))?
+        } else {
+            let x = pad_same(x, self.kernel, self.stride)?;
+            let y = x.conv2d(&self.weight, 0, self.stride, 1, self.groups)?;
+            y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+        };
+        self.activation.forward(&y)
+    }
+}
+
+/// Learned BatchNorm parameters and running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNormParams {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub eps: f64,
+}
+
+/// 1x1 convolution as a batched matrix product: (O, I) x (B, I, H*W).
+pub fn pointwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let out_c = weight.dim(0)?;
+    let w2 = weight.reshape((out_c, c))?;
+    // (B, I, H*W) -> (B, O, H*W)
+    let y = w2.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
+    let y = match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, out_c, 1))?)?,
+        None => y,
+    };
+    y.reshape((b, out_c, h, w))
+}
+
+/// Depthwise "SAME" convolution with bias and activation, computed directly on the CPU.
+/// candle's grouped convolution runs one small convolution per channel, which is far
+/// slower for the hundreds of channels of an EfficientNet block.
+#[derive(Debug, Clone)]
+struct DepthwiseCpu {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    activation: Activation,
+}
+
+impl CustomOp1 for DepthwiseCpu {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-same"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let src = match storage {
+            CpuStorage::F32(v) => match layout.contiguous_offsets() {
+                Some((start, end)) => &v[start..end],
+                None => candle_core::bail!("depthwise convolution needs a contiguous input"),
+            },
+            other => candle_core::bail!("depthwise convolution supports f32 only, got {:?}", other.dtype()),
+        };
+        if c != self.bias.len() {
+            candle_core::bail!("depthwise convolution expects {} channels, got {c}", self.bias.len());
+        }
+        let (k, s) = (self.kernel, self.stride);
+        let (top, _) = same_padding(h, k, s);
+        let (left, _) = same_padding(w, k, s);
+        let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+        let mut out = vec![0f32; b * c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
+            let ch = plane % c;
+            let input = &src[plane * h * w..(plane + 1) * h * w];
+            let kw = &self.weight[ch * k * k..(ch + 1) * k * k];
+            let bias = self.bias[ch];
+            for oy in 0..oh {
+                let iy0 = (oy * s) as isize - top as isize;
+                for ox in 0..ow {
+                    let ix0 = (ox * s) as isize - left as isize;
+                    let mut acc = bias;
+                    for ky in 0..k {
+                        let iy = iy0 + ky as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let row = &input[iy as usize * w..(iy as usize + 1) * w];
+                        for kx in 0..k {
+                            let ix = ix0 + kx as isize;
+                            if ix >= 0 && ix < w as isize {
+                                acc += row[ix as usize] * kw[ky * k + kx];
+                            }
+                        }
+                    }
+                    dst[oy * ow + ox] = self.activation.apply_scalar(acc);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+}
+
+/// Resizes the two spatial axes of an NCHW tensor, as `F.interpolate(mode="bilinear",
+/// align_corners=False)` with or without antialiasing, via two small matrix products.
+pub fn resize(x: &Tensor, (out_h, out_w): (usize, usize), mode: ResizeMode) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let dtype = x.dtype();
+    let rw = Tensor::from_vec(resize_matrix(w, out_w, mode), (out_w, w), dev)?.to_dtype(dtype)?;
+    let rh = Tensor::from_vec(resize_matrix(h, out_h, mode), (out_h, h), dev)?.to_dtype(dtype)?;
+    // (B, C, H, W) x (W, W') -> (B, C, H, W'), then (H', H) x that -> (B, C, H', W')
+    let y = x.broadcast_matmul(&rw.t()?)?;
+    rh.broadcast_matmul(&y)
+}
+
+/// `AvgPool2d(k, stride=1, padding=k/2)` with PyTorch's default `count_include_pad=True`.
+pub fn avg_pool_same(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    if kernel == 1 {
+        return Ok(x.clone());
+    }
+    let pad = kernel / 2;
+    let x = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    x.avg_pool2d_with_stride((kernel, kernel), (1, 1))
+}
+
+/// Centre crop of the spatial axes: `top = (H - h) / 2`, `left = (W - w) / 2`.
+pub fn centre_crop(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (_, _, in_h, in_w) = x.dims4()?;
+    x.narrow(2, (in_h - h) / 2, h)?.narrow(3, (in_w - w) / 2, w)
+}
+
+/// Returns the f32 data type check used by the CPU-only kernels.
+pub fn ensure_f32(x: &Tensor) -> Result<()> {
+    if x.dtype() != DType::F32 {
+        candle_core::bail!("expected an f32 tensor, got {:?}", x.dtype());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        // k3/s2 on even input pads (0, 1); k5/s2 pads (1, 2); stride 1 is symmetric.
+        assert_eq!(same_padding(256, 3, 2), (0, 1));
+        assert_eq!(same_padding(256, 5, 2), (1, 2));
+        assert_eq!(same_padding(255, 3, 2), (1, 1));
+        assert_eq!(same_padding(200, 5, 2), (1, 2));
+        assert_eq!(same_padding(7, 3, 1), (1, 1));
+        assert_eq!(same_padding(7, 5, 1), (2, 2));
+        assert_eq!(same_padding(1, 3, 2), (1, 1));
+    }
+
+    #[test]
+    fn pad_same_gives_ceil_output() -> Result<()> {
+        let dev = Device::Cpu;
+        for (size, k) in [(64usize, 3usize), (65, 3), (64, 5), (33, 5)] {
+            let x = Tensor::ones((1, 2, size, size), DType::F32, &dev)?;
+            let padded = pad_same(&x, k, 2)?;
+            let w = Tensor::ones((2, 2, k, k), DType::F32, &dev)?;
+            let y = padded.conv2d(&w, 0, 2, 1, 1)?;
+            assert_eq!(y.dims4()?, (1, 2, size.div_ceil(2), size.div_ceil(2)), "size {size} k {k}");
+        }
+        Ok(())
+    }
+
+    fn bn_identity(c: usize, dev: &Device) -> Result<BatchNormParams> {
+        Ok(BatchNormParams {
+            weight: Tensor::ones(c, DType::F32, dev)?,
+            bias: Tensor::zeros(c, DType::F32, dev)?,
+            running_mean: Tensor::zeros(c, DType::F32, dev)?,
+            running_var: Tensor::ones(c, DType::F32, dev)?,
+            eps: 0.0,
+        })
+    }
+
+    #[test]
+    fn depthwise_matches_grouped_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        for (size, k, s) in [(9usize, 3usize, 1usize), (10, 3, 2), (11, 5, 2), (8, 5, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 4, size, size), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (4, 1, k, k), &dev)?;
+            let layer = ConvBn::fold(&w, &bn_identity(4, &dev)?, s, 4, Activation::Relu6)?;
+            assert!(layer.depthwise.is_some());
+            let fast = layer.forward(&x)?;
+            let reference = pad_same(&x, k, s)?.conv2d(&w, 0, s, 1, 4)?.clamp(0f32, 6f32)?;
+            let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "size {size} k {k} s {s}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pointwise_matches_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 5, 1, 1), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 3, &dev)?;
+        let fast = pointwise(&x, &w, Some(&b))?;
+        let reference = x.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+        let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn avg_pool_counts_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((1, 1, 4, 4), DType::F32, &dev)?;
+        let y = avg_pool_same(&x, 3)?;
+        assert_eq!(y.dims4()?, (1, 1, 4, 4));
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        // A corner sees 4 of 9 ones, an edge 6 and the centre 9.
+        assert!((v[0] - 4.0 / 9.0).abs() < 1e-6);
+        assert!((v[1] - 6.0 / 9.0).abs() < 1e-6);
+        assert!((v[5] - 1.0).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn resize_matches_cpu_planes() -> Result<()> {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..2 * 9 * 11).map(|i| ((i * 37) % 17) as f32).collect();
+        let x = Tensor::from_vec(data.clone(), (1, 2, 9, 11), &dev)?;
+        for mode in [ResizeMode::Bilinear, ResizeMode::Antialias] {
+            let y = resize(&x, (4, 6), mode)?.flatten_all()?.to_vec1::<f32>()?;
+            let expected = crate::imageops::resize_planes(&data, 2, (9, 11), (4, 6), mode);
+            for (a, b) in y.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Scoring image files: per-image results, overlay images and a good-versus-anomalous
+//! evaluation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::imageops::{Colormap, PixelLayout, blend_heatmap, load_rgb_chw};
+use crate::metrics::{Confusion, auroc};
+use crate::scoring::{FrameScore, Scorer};
+use crate::train::list_images;
+
+/// One line of `patchflow predict` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageResult {
+    pub path: PathBuf,
+    /// Raw score, the maximum of the anomaly map in [-1, 0].
+    pub score: f32,
+    pub normalized_score: f32,
+    pub is_anomalous: bool,
+    pub label: &'static str,
+    /// Overlay image written for this input, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PathBuf>,
+}
+
+/// Expands files and folders into a sorted list of image files.
+pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            files.extend(list_images(input)?);
+        } else if input.is_file() {
+            files.push(input.clone());
+        } else {
+            anyhow::bail!("input {} does not exist", input.display());
+        }
+    }
+    Ok(files)
+}
+
+/// Scores one image file.
+pub fn score_file(scorer: &Scorer, path: &Path) -> Result<(FrameScore, Vec<f32>, (usize, usize))> {
+    let (chw, h, w) = load_rgb_chw(path)?;
+    let result = scorer.score_chw(&chw, (h, w)).with_context(|| format!("cannot score {}", path.display()))?;
+    Ok((result, chw, (h, w)))
+}
+
+/// Writes the image with the heatmap blended on as an 8-bit RGB PNG.
+pub fn write_overlay(path: &Path, chw: &[f32], (h, w): (usize, usize), result: &FrameScore, alpha: f32) -> Result<()> {
+    let mut rgb = vec![0u8; 3 * h * w];
+    for (i, px) in rgb.chunks_exact_mut(3).enumerate() {
+        for (c, v) in px.iter_mut().enumerate() {
+            *v = (chw[c * h * w + i] * 255.0).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    blend_heatmap(&mut rgb, (w, h, 3 * w), PixelLayout::Rgb, &result.heat, Colormap::Jet, alpha);
+    image::save_buffer(path, &rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .with_context(|| format!("cannot write overlay {}", path.display()))
+}
+
+/// Scores every image, writing overlays into `overlay_dir` when given.
+pub fn predict(scorer: &Scorer, files: &[PathBuf], threshold: f32, overlay_dir: Option<&Path>, alpha: f32) -> Result<Vec<ImageResult>> {
+    if let Some(dir) = overlay_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    }
+    let mut results = Vec::with_capacity(files.len());
+    for path in files {
+        let (score, chw, size) = score_file(scorer, path)?;
+        let overlay = match overlay_dir {
+            Some(dir) => {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                let out = dir.join(format!("{stem}_overlay.png"));
+                write_overlay(&out, &chw, size, &score, alpha)?;
+                Some(out)
+            }
+            None => None,
+        };
+        let is_anomalous = score.is_anomalous(threshold);
+        results.push(ImageResult {
+            path: path.clone(),
+            score: score.score,
+            normalized_score: score.normalized_score,
+            is_anomalous,
+            label: if is_anomalous { "anomalous" } else { "normal" },
+            overlay,
+        });
+    }
+    Ok(results)
+}
+
+/// Image-level evaluation of good against anomalous images.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub good_images: usize,
+    pub anomalous_images: usize,
+    pub image_auroc: Option<f64>,
+    /// F1 of the model's decision at `threshold` (normalised score).
+    pub image_f1: f64,
+    pub accuracy: f64,
+    pub threshold: f32,
+    pub true_positive: usize,
+    pub false_positive: usize,
+    pub true_negative: usize,
+    pub false_negative: usize,
+}
+
+/// Computes image AUROC (on raw scores) and F1 at the threshold from predictions.
+pub fn evaluate(good: &[ImageResult], anomalous: &[ImageResult], threshold: f32) -> EvalReport {
+    let scores: Vec<f32> = good.iter().chain(anomalous).map(|r| r.score).collect();
+    let labels: Vec<bool> = good.iter().map(|_| false).chain(anomalous.iter().map(|_| true)).collect();
+    let predicted: Vec<bool> = good.iter().chain(anomalous).map(|r| r.is_anomalous).collect();
+    let confusion = Confusion::new(&predicted, &labels);
+    EvalReport {
+        good_images: good.len(),
+        anomalous_images: anomalous.len(),
+        image_auroc: auroc(&scores, &labels),
+        image_f1: confusion.f1(),
+        accuracy: confusion.accuracy(),
+        threshold,
+        true_positive: confusion.true_positive,
+        false_positive: confusion.false_positive,
+        true_negative: confusion.true_negative,
+        false_negative: confusion.false_negative,
+    }
+}

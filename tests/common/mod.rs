@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Shared test inputs: the converted backbone weights and the committed images.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The EfficientNet-Lite0 weights that `scripts/setup.sh` converts, or
+/// `$PATCHFLOW_BACKBONE`.
+pub fn backbone_path() -> PathBuf {
+    let path = std::env::var_os("PATCHFLOW_BACKBONE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_path("data/weights/tf_efficientnet_lite0.safetensors"));
+    assert!(
+        path.is_file(),
+        "backbone weights {} not found: run scripts/setup.sh (or set PATCHFLOW_BACKBONE)",
+        path.display()
+    );
+    path
+}
+
+/// A path relative to the repository root.
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// One of the images committed under `tests/data`.
+pub fn image(name: &str) -> PathBuf {
+    repo_path(&format!("tests/data/{name}"))
+}
