@@ -1,0 +1,963 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! MQTT publisher for per-frame anomaly scores.
+//!
+//! [`Publisher`] is built for a GStreamer streaming thread, which must never wait on the
+//! network. [`Publisher::publish`] only puts the message into a bounded queue, and only
+//! [`Publisher::shutdown`] (or dropping the publisher) waits, up to its timeout. A dedicated OS
+//! thread runs a current-thread tokio runtime whose single task owns the `rumqttc`
+//! [`EventLoop`]. That task connects, reconnects with a doubling backoff, and moves messages
+//! from the queue into `rumqttc` only while the broker is connected. The queue therefore holds
+//! what arrives during an outage, and messages beyond its capacity are dropped and counted.
+//!
+//! Only plain TCP (`mqtt://HOST[:PORT]`) and MQTT 3.1.1 are supported. Messages are published
+//! without the retain flag, with a clean session.
+//!
+//! [`FrameMessage`] is the JSON payload published for each scored frame.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing,
+    Publish, QoS, Request,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+
+/// Port used when an `mqtt://` URL names none.
+pub const DEFAULT_PORT: u16 = 1883;
+
+/// Maximum size of one encoded PUBLISH packet (fixed header, topic and payload), in bytes.
+/// Larger messages are rejected by [`Publisher::publish`], because `rumqttc` fails the whole
+/// connection on a packet above its limit and would then send the same packet again after
+/// every reconnect.
+pub const MAX_PACKET_SIZE: usize = 1024 * 1024;
+
+/// Bytes a PUBLISH packet adds to topic and payload: fixed header byte, up to 4 bytes of
+/// remaining length, 2 bytes of topic length and 2 bytes of packet id.
+const PUBLISH_OVERHEAD: usize = 9;
+
+/// Timeout that [`Drop`] uses when [`Publisher::shutdown`] was not called.
+const DROP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// First delay before reconnecting after a failure. It doubles up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A failed connection attempt is logged at warn the first time and then every this many
+/// consecutive failures, so that an absent broker does not flood the log.
+const FAILURE_LOG_INTERVAL: u64 = 10;
+
+/// Dropped messages are logged at warn for the first one and then every this many.
+const DROP_LOG_INTERVAL: u64 = 1000;
+
+/// Capacity of `rumqttc`'s own request channel. It is kept small because the bounded queue in
+/// front of it is where messages wait during an outage.
+const CLIENT_CHANNEL_CAPACITY: usize = 10;
+
+/// Maximum number of QoS 1 and 2 publishes awaiting acknowledgement. MQTT 3.1.1 has no way
+/// for the broker to announce its limit. Mosquitto 2.0.11 defaults `max_inflight_messages`
+/// to 20 (its example mosquitto.conf), and with `rumqttc`'s default of 100 it acknowledged
+/// QoS 2 publishes beyond the 20 pending ones but never delivered them to subscribers.
+const MAX_INFLIGHT: u16 = 20;
+
+/// Errors from [`Publisher::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT]")]
+    InvalidUrl { url: String },
+    #[error("unsupported MQTT URL {url:?}: TLS is not supported yet, use mqtt://HOST[:PORT]")]
+    TlsNotSupported { url: String },
+    #[error("invalid MQTT QoS {0}: expected 0, 1 or 2")]
+    InvalidQos(u8),
+    #[error("invalid MQTT queue capacity 0: expected at least 1 message")]
+    ZeroQueueCapacity,
+    #[error("invalid MQTT keep-alive {0:?}: expected 0 (off) or whole seconds from 1 s to 65535 s")]
+    InvalidKeepAlive(Duration),
+    #[error("failed to start the MQTT publisher thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Configuration of a [`Publisher`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    /// Broker URL of the form `mqtt://HOST[:PORT]`, where PORT defaults to [`DEFAULT_PORT`].
+    /// An IPv6 host is written in brackets: `mqtt://[::1]:1883`.
+    pub url: String,
+    /// MQTT client identifier. The broker disconnects an older client with the same id.
+    pub client_id: String,
+    /// Quality of service of every publish: 0, 1 or 2.
+    pub qos: u8,
+    /// Maximum number of messages waiting to be handed to the MQTT client.
+    pub queue_capacity: usize,
+    /// Interval of MQTT keep-alive pings, 0 to disable them. Sub-second parts are truncated.
+    pub keep_alive: Duration,
+}
+
+impl Default for MqttSettings {
+    /// Local broker, QoS 0, and a queue of 1024 messages, which covers about 34 s of outage
+    /// at one message per frame and 30 frames per second.
+    fn default() -> Self {
+        Self {
+            url: format!("mqtt://127.0.0.1:{DEFAULT_PORT}"),
+            client_id: "patchflow".to_owned(),
+            qos: 0,
+            queue_capacity: 1024,
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Snapshot of a [`Publisher`]'s counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    /// Messages written to the connection (QoS 0) or acknowledged by the broker (QoS 1 and 2).
+    pub published: u64,
+    /// Messages rejected by [`Publisher::publish`] (queue full, invalid topic, too large) or
+    /// still unsent when the publisher shut down.
+    pub dropped: u64,
+    /// Messages in the bounded queue. Messages that the publisher thread has taken from the
+    /// queue but not sent yet are not counted.
+    pub queued: usize,
+    /// Whether the broker has acknowledged the current connection.
+    pub connected: bool,
+    /// Times the publisher scheduled a reconnect after a failed connection attempt or a lost
+    /// connection.
+    pub reconnect_attempts: u64,
+}
+
+/// Non-blocking MQTT publisher running on its own thread.
+///
+/// Dropping it shuts it down with a timeout of 1 s. Call [`Publisher::shutdown`] to choose
+/// the timeout.
+#[derive(Debug)]
+pub struct Publisher {
+    broker: BrokerAddress,
+    queue_tx: mpsc::Sender<Message>,
+    queue_capacity: usize,
+    counters: Arc<Counters>,
+    shutdown_tx: Option<oneshot::Sender<std::time::Instant>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    /// Validates `settings` and starts the publisher thread, which connects in the background.
+    ///
+    /// Returns without waiting for the broker, so an unreachable broker is reported only in
+    /// the log and in [`PublisherStats::connected`].
+    pub fn start(settings: MqttSettings) -> Result<Publisher, MqttError> {
+        let broker = BrokerAddress::parse(&settings.url)?;
+        let qos = qos_from_level(settings.qos)?;
+        if settings.queue_capacity == 0 {
+            return Err(MqttError::ZeroQueueCapacity);
+        }
+        let keep_alive = validate_keep_alive(settings.keep_alive)?;
+
+        let mut options = MqttOptions::new(settings.client_id, broker.host.clone(), broker.port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_session(true);
+        options.set_inflight(MAX_INFLIGHT);
+        options.set_max_packet_size(options.max_packet_size(), MAX_PACKET_SIZE);
+        let (client, eventloop) = AsyncClient::new(options, CLIENT_CHANNEL_CAPACITY);
+
+        let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let counters = Arc::new(Counters::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(MqttError::Thread)?;
+
+        let worker = Worker {
+            eventloop,
+            client,
+            queue_rx,
+            queue_closed: false,
+            backlog: VecDeque::new(),
+            counters: Arc::clone(&counters),
+            broker: broker.clone(),
+            qos,
+            in_flight: 0,
+            client_full: false,
+            consecutive_failures: 0,
+            backoff: INITIAL_BACKOFF,
+            retry_at: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mqtt-publisher".to_owned())
+            .spawn(move || runtime.block_on(worker.run(shutdown_rx)))
+            .map_err(MqttError::Thread)?;
+        tracing::info!(broker = %broker, qos = settings.qos, "started MQTT publisher");
+
+        Ok(Publisher {
+            broker,
+            queue_tx,
+            queue_capacity: settings.queue_capacity,
+            counters,
+            shutdown_tx: Some(shutdown_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `payload` for `topic` without blocking and returns whether it was queued.
+    ///
+    /// The message is dropped and counted in [`PublisherStats::dropped`] when the queue is
+    /// full, when `topic` is not a valid MQTT topic name (empty, containing `+`, `#` or NUL),
+    /// or when the packet would exceed [`MAX_PACKET_SIZE`].
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+        if !is_valid_topic(topic) {
+            self.count_drop("invalid MQTT topic name, expected no wildcards", topic);
+            return false;
+        }
+        if topic.len() + payload.len() + PUBLISH_OVERHEAD > MAX_PACKET_SIZE {
+            self.count_drop("MQTT message exceeds the maximum packet size", topic);
+            return false;
+        }
+
+        let message = Message {
+            topic: topic.to_owned(),
+            payload,
+        };
+        match self.queue_tx.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.count_drop("MQTT queue is full", topic);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.count_drop("MQTT publisher thread has stopped", topic);
+                false
+            }
+        }
+    }
+
+    /// Returns the current counters.
+    pub fn stats(&self) -> PublisherStats {
+        PublisherStats {
+            published: self.counters.published.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.load(Ordering::Relaxed),
+            queued: self.queue_capacity - self.queue_tx.capacity(),
+            connected: self.counters.connected.load(Ordering::Relaxed),
+            reconnect_attempts: self.counters.reconnect_attempts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the publisher within `timeout`.
+    ///
+    /// While the broker is connected, the thread first sends what is queued and waits for
+    /// acknowledgements (QoS 1 and 2) for up to three quarters of `timeout`, then disconnects.
+    /// Messages still unsent are counted as dropped. If the thread has not finished when
+    /// `timeout` expires, it is detached and a warning is logged.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.stop(timeout);
+    }
+
+    fn stop(&mut self, timeout: Duration) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        if let Some(shutdown_tx) = self.shutdown_tx.take() {
+            // An error means the thread has already exited, which the join below handles.
+            let _ = shutdown_tx.send(deadline);
+        }
+
+        // JoinHandle::join has no timeout, so wait for the thread to finish before joining.
+        while !thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    broker = %self.broker,
+                    ?timeout,
+                    "MQTT publisher thread did not stop in time, detaching it"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if thread.join().is_err() {
+            tracing::error!(broker = %self.broker, "MQTT publisher thread panicked");
+        }
+        tracing::info!(broker = %self.broker, stats = ?self.stats(), "stopped MQTT publisher");
+    }
+
+    fn count_drop(&self, reason: &str, topic: &str) {
+        let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 || dropped.is_multiple_of(DROP_LOG_INTERVAL) {
+            tracing::warn!(broker = %self.broker, topic, dropped, "{reason}, dropping message");
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop(DROP_SHUTDOWN_TIMEOUT);
+    }
+}
+
+/// Counters shared between [`Publisher`] and its thread.
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    dropped: AtomicU64,
+    connected: AtomicBool,
+    reconnect_attempts: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+impl From<Publish> for Message {
+    fn from(publish: Publish) -> Self {
+        Self {
+            topic: publish.topic,
+            payload: publish.payload.to_vec(),
+        }
+    }
+}
+
+/// Checks that `url` is a broker URL that [`Publisher::start`] accepts.
+pub fn validate_url(url: &str) -> Result<(), MqttError> {
+    BrokerAddress::parse(url).map(|_| ())
+}
+
+/// Broker host and port parsed from an `mqtt://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BrokerAddress {
+    /// Host name or IP address as `rumqttc` expects it, with brackets around IPv6 addresses.
+    host: String,
+    port: u16,
+}
+
+impl BrokerAddress {
+    fn parse(url: &str) -> Result<BrokerAddress, MqttError> {
+        let invalid = || MqttError::InvalidUrl {
+            url: url.to_owned(),
+        };
+
+        let (scheme, rest) = url.split_once("://").ok_or_else(invalid)?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" => {}
+            "mqtts" | "ssl" | "wss" => {
+                return Err(MqttError::TlsNotSupported {
+                    url: url.to_owned(),
+                });
+            }
+            _ => return Err(invalid()),
+        }
+
+        // Paths, queries, fragments and user names have no meaning here, so reject them
+        // instead of silently ignoring them.
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty()
+            || authority.contains(['/', '?', '#', '@'])
+            || authority.contains(char::is_whitespace)
+        {
+            return Err(invalid());
+        }
+
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (address, tail) = bracketed.split_once(']').ok_or_else(invalid)?;
+            address.parse::<Ipv6Addr>().map_err(|_| invalid())?;
+            let port = match tail {
+                "" => None,
+                _ => Some(tail.strip_prefix(':').ok_or_else(invalid)?),
+            };
+            (format!("[{address}]"), port)
+        } else {
+            match authority.split_once(':') {
+                Some((host, port)) => (host.to_owned(), Some(port)),
+                None => (authority.to_owned(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid());
+        }
+
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => port,
+                _ => return Err(invalid()),
+            },
+        };
+        Ok(BrokerAddress { host, port })
+    }
+}
+
+impl fmt::Display for BrokerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+fn qos_from_level(level: u8) -> Result<QoS, MqttError> {
+    match level {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        2 => Ok(QoS::ExactlyOnce),
+        _ => Err(MqttError::InvalidQos(level)),
+    }
+}
+
+/// Checks the keep-alive against what `rumqttc` accepts: it panics below 1 s (except 0), and
+/// MQTT encodes the interval as 16-bit seconds.
+fn validate_keep_alive(keep_alive: Duration) -> Result<Duration, MqttError> {
+    let seconds = keep_alive.as_secs();
+    if keep_alive.is_zero() {
+        Ok(Duration::ZERO)
+    } else if (1..=u64::from(u16::MAX)).contains(&seconds) {
+        Ok(Duration::from_secs(seconds))
+    } else {
+        Err(MqttError::InvalidKeepAlive(keep_alive))
+    }
+}
+
+/// Checks an MQTT 3.1.1 topic name: 1 to 65535 bytes, no wildcards, no NUL character.
+fn is_valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= usize::from(u16::MAX) && !topic.contains(['+', '#', '\0'])
+}
+
+/// State of the publisher thread's single task, which owns the `rumqttc` event loop.
+struct Worker {
+    eventloop: EventLoop,
+    client: AsyncClient,
+    queue_rx: mpsc::Receiver<Message>,
+    /// Whether every sender of the queue is gone, so `recv` would return `None` at once.
+    queue_closed: bool,
+    /// Messages taken from the queue but not accepted by `rumqttc` yet, oldest first. They
+    /// are either refused because `rumqttc`'s channel was full or recovered from `rumqttc`
+    /// after a lost connection, and are sent before anything newer in the queue.
+    backlog: VecDeque<Message>,
+    counters: Arc<Counters>,
+    broker: BrokerAddress,
+    qos: QoS,
+    /// Publishes handed to `rumqttc` and not yet written (QoS 0) or acknowledged (QoS 1, 2).
+    in_flight: usize,
+    /// Whether `rumqttc` refused a message since the event loop last made progress.
+    client_full: bool,
+    consecutive_failures: u64,
+    backoff: Duration,
+    /// When to poll the event loop again after a failure. No polling happens before then.
+    retry_at: Option<Instant>,
+}
+
+impl Worker {
+    async fn run(mut self, mut shutdown_rx: oneshot::Receiver<std::time::Instant>) {
+        let deadline = loop {
+            self.forward();
+
+            // Each branch is cancel-safe except `poll()`, which is dropped when another branch
+            // completes first. That loses nothing while it waits for the network, the
+            // request channel or the keep-alive timer.
+            // NOTE: a `poll()` dropped while it waits for room in a full socket send buffer
+            // can lose the packet it was writing: a QoS 0 message, or an acknowledgement
+            // that leaves a QoS 1 or 2 message pending until the next reconnect.
+            let retry_at = self.retry_at;
+            tokio::select! {
+                biased;
+                deadline = &mut shutdown_rx => {
+                    // `Publisher::stop` sends before it drops the sender, so an error is not
+                    // expected. Treat it as a shutdown without time to drain.
+                    break deadline.map_or_else(|_| Instant::now(), Instant::from_std);
+                }
+                () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                    self.retry_at = None;
+                }
+                event = self.eventloop.poll(), if retry_at.is_none() => match event {
+                    Ok(event) => self.on_event(event),
+                    Err(error) => self.on_error(&error),
+                },
+                message = self.queue_rx.recv(), if self.can_receive() => match message {
+                    Some(message) => self.backlog.push_back(message),
+                    None => self.queue_closed = true,
+                },
+            }
+        };
+
+        let now = Instant::now();
+        let remaining = deadline.saturating_duration_since(now);
+        self.drain(now + remaining * 3 / 4).await;
+        self.disconnect(now + remaining * 9 / 10).await;
+        self.discard_unsent();
+    }
+
+    /// Hands queued messages to `rumqttc` without waiting, until it refuses one.
+    fn forward(&mut self) {
+        if !self.is_connected() || self.client_full {
+            return;
+        }
+        loop {
+            let message = match self.backlog.pop_front() {
+                Some(message) => message,
+                None => match self.queue_rx.try_recv() {
+                    Ok(message) => message,
+                    Err(_) => return,
+                },
+            };
+
+            // `publish` accepted only valid topics, so a refusal means that the channel is
+            // full. The message goes back to the front to keep the order.
+            match self
+                .client
+                .try_publish(message.topic, self.qos, false, message.payload)
+            {
+                Ok(()) => self.in_flight += 1,
+                Err(ClientError::TryRequest(request) | ClientError::Request(request)) => {
+                    if let Request::Publish(publish) = request {
+                        self.backlog.push_front(Message::from(publish));
+                    }
+                    self.client_full = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn can_receive(&self) -> bool {
+        self.is_connected() && !self.client_full && !self.queue_closed
+    }
+
+    fn is_connected(&self) -> bool {
+        self.counters.connected.load(Ordering::Relaxed)
+    }
+
+    fn on_event(&mut self, event: Event) {
+        // Every event means that the event loop ran, so its request channel may have room.
+        self.client_full = false;
+
+        match event {
+            Event::Incoming(Incoming::ConnAck(_)) => {
+                self.counters.connected.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    broker = %self.broker,
+                    failed_attempts = self.consecutive_failures,
+                    "connected to MQTT broker"
+                );
+                self.consecutive_failures = 0;
+                self.backoff = INITIAL_BACKOFF;
+            }
+            Event::Outgoing(Outgoing::Publish(_)) if self.qos == QoS::AtMostOnce => {
+                self.complete_publish();
+            }
+            Event::Incoming(Incoming::PubAck(_)) if self.qos == QoS::AtLeastOnce => {
+                self.complete_publish();
+            }
+            Event::Incoming(Incoming::PubComp(_)) if self.qos == QoS::ExactlyOnce => {
+                self.complete_publish();
+            }
+            _ => {}
+        }
+    }
+
+    fn complete_publish(&mut self) {
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        // Saturating, because a write can complete after a connection loss reset the count.
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// Records a failed poll and schedules the next attempt. `rumqttc` reconnects on the next
+    /// `poll()` by itself.
+    fn on_error(&mut self, error: &ConnectionError) {
+        let was_connected = self.counters.connected.swap(false, Ordering::Relaxed);
+        self.client_full = false;
+        self.recover_unsent();
+        self.consecutive_failures += 1;
+        self.counters
+            .reconnect_attempts
+            .fetch_add(1, Ordering::Relaxed);
+
+        let retry_in = self.backoff;
+        self.retry_at = Some(Instant::now() + retry_in);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+
+        let broker = &self.broker;
+        let failures = self.consecutive_failures;
+        if was_connected {
+            tracing::warn!(
+                %broker,
+                %error,
+                ?retry_in,
+                "lost connection to MQTT broker, reconnecting"
+            );
+        } else if failures == 1 || failures.is_multiple_of(FAILURE_LOG_INTERVAL) {
+            tracing::warn!(
+                %broker,
+                %error,
+                failures,
+                ?retry_in,
+                "failed to connect to MQTT broker, retrying"
+            );
+        } else {
+            tracing::debug!(%broker, %error, failures, "failed to connect to MQTT broker");
+        }
+    }
+
+    /// Takes back the publishes that `rumqttc` had not sent, or not had acknowledged, when
+    /// the connection failed. `rumqttc` would discard them on reconnecting, because a clean
+    /// session never resumes. QoS 1 and 2 messages may therefore reach the broker twice.
+    fn recover_unsent(&mut self) {
+        let collided = self.eventloop.state.collision.take().map(Request::Publish);
+        let pending = self.eventloop.pending.drain(..);
+        let recovered: Vec<Message> = collided
+            .into_iter()
+            .chain(pending)
+            .filter_map(|request| match request {
+                Request::Publish(publish) => Some(Message::from(publish)),
+                _ => None,
+            })
+            .collect();
+        if !recovered.is_empty() {
+            let count = recovered.len();
+            tracing::debug!(broker = %self.broker, count, "requeued unsent MQTT messages");
+        }
+        for message in recovered.into_iter().rev() {
+            self.backlog.push_front(message);
+        }
+        self.in_flight = 0;
+    }
+
+    /// Sends what is queued while the broker stays connected, until `until`.
+    async fn drain(&mut self, until: Instant) {
+        // Stops new messages: `Publisher::publish` reports them as dropped from now on.
+        self.queue_rx.close();
+        loop {
+            self.forward();
+            let idle = self.backlog.is_empty() && self.queue_rx.is_empty() && self.in_flight == 0;
+            if idle || !self.is_connected() {
+                return;
+            }
+            let event = tokio::select! {
+                () = sleep_until(until) => return,
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(event) => self.on_event(event),
+                Err(error) => {
+                    tracing::warn!(
+                        broker = %self.broker,
+                        %error,
+                        "lost connection to MQTT broker during shutdown"
+                    );
+                    self.counters.connected.store(false, Ordering::Relaxed);
+                    self.recover_unsent();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends DISCONNECT so that the broker closes the session cleanly, waiting until `until`.
+    async fn disconnect(&mut self, until: Instant) {
+        if !self.is_connected() {
+            return;
+        }
+        if self.client.try_disconnect().is_ok() {
+            loop {
+                tokio::select! {
+                    () = sleep_until(until) => break,
+                    event = self.eventloop.poll() => match event {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(event) => self.on_event(event),
+                    },
+                }
+            }
+        }
+        self.counters.connected.store(false, Ordering::Relaxed);
+        tracing::info!(broker = %self.broker, "disconnected from MQTT broker");
+    }
+
+    fn discard_unsent(&mut self) {
+        let mut unsent = self.backlog.len();
+        while self.queue_rx.try_recv().is_ok() {
+            unsent += 1;
+        }
+        if unsent > 0 || self.in_flight > 0 {
+            self.counters
+                .dropped
+                .fetch_add(unsent as u64, Ordering::Relaxed);
+            tracing::warn!(
+                broker = %self.broker,
+                unsent,
+                unacknowledged = self.in_flight,
+                "MQTT publisher stopped with messages not delivered"
+            );
+        }
+    }
+}
+
+/// JSON message published for each scored frame.
+///
+/// Example of [`FrameMessage::to_json`] output (one line, shown wrapped):
+///
+/// ```json
+/// {"source":"camera-1","frame":42,"pts_ns":1400000000,"timestamp_ms":1767225600123,
+///  "score":-0.8125,"normalized_score":0.73,"threshold":0.5,"is_anomalous":true,
+///  "label":"anomalous"}
+/// ```
+///
+/// Non-finite scores (NaN, infinity) are written as `null`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrameMessage {
+    /// Name of the video source, as configured by the caller.
+    pub source: String,
+    /// Index of the frame in the stream, counting from 0.
+    pub frame: u64,
+    /// Presentation timestamp of the frame in nanoseconds, `null` when the buffer has none.
+    pub pts_ns: Option<u64>,
+    /// Wall-clock time when the message was built, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Raw anomaly score from the model.
+    pub score: f32,
+    /// Score after normalisation, the value that the caller compared with `threshold`.
+    pub normalized_score: f32,
+    /// Threshold that decided `is_anomalous`.
+    pub threshold: f32,
+    /// Whether the frame was classified as anomalous.
+    pub is_anomalous: bool,
+    /// `"anomalous"` or `"normal"`, matching `is_anomalous`.
+    pub label: String,
+}
+
+impl FrameMessage {
+    /// Serialises the message as compact JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("FrameMessage has only strings, numbers and booleans")
+    }
+}
+
+/// Builds the [`FrameMessage`] for one scored frame, stamped with the current wall-clock time.
+///
+/// The caller passes `is_anomalous` because the decision rule (which score is compared with
+/// `threshold`) belongs to the scoring element.
+pub fn frame_message(
+    source: &str,
+    frame: u64,
+    pts_ns: Option<u64>,
+    score: f32,
+    normalized_score: f32,
+    threshold: f32,
+    is_anomalous: bool,
+) -> FrameMessage {
+    // A clock before 1970 is a broken clock. 0 marks it without failing the frame.
+    let timestamp_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        });
+    let label = if is_anomalous { "anomalous" } else { "normal" };
+    FrameMessage {
+        source: source.to_owned(),
+        frame,
+        pts_ns,
+        timestamp_ms,
+        score,
+        normalized_score,
+        threshold,
+        is_anomalous,
+        label: label.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(host: &str, port: u16) -> BrokerAddress {
+        BrokerAddress {
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    #[test]
+    fn url_accepts_host_and_port_forms() {
+        let cases = [
+            ("mqtt://localhost", address("localhost", 1883)),
+            ("mqtt://127.0.0.1:1884", address("127.0.0.1", 1884)),
+            (
+                "MQTT://broker.example:8883/",
+                address("broker.example", 8883),
+            ),
+            ("mqtt://[::1]", address("[::1]", 1883)),
+            ("mqtt://[::1]:1885", address("[::1]", 1885)),
+        ];
+        for (url, expected) in cases {
+            let parsed = BrokerAddress::parse(url);
+            assert_eq!(parsed.ok(), Some(expected), "{url}");
+        }
+    }
+
+    #[test]
+    fn url_rejects_malformed_values() {
+        let cases = [
+            "",
+            "localhost:1883",
+            "tcp://localhost",
+            "mqtt://",
+            "mqtt://:1883",
+            "mqtt://host:",
+            "mqtt://host:0",
+            "mqtt://host:65536",
+            "mqtt://host:port",
+            "mqtt://host:1883/topic",
+            "mqtt://user@host",
+            "mqtt://host?client_id=x",
+            "mqtt://[::1",
+            "mqtt://[not-ipv6]:1883",
+            "mqtt://[::1]1883",
+            "mqtt://::1:1883",
+            "mqtt://my host",
+        ];
+        for url in cases {
+            let error = BrokerAddress::parse(url).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT]"),
+            );
+        }
+    }
+
+    #[test]
+    fn url_with_tls_scheme_is_unsupported() {
+        let error = BrokerAddress::parse("mqtts://broker:8883").unwrap_err();
+        assert!(
+            matches!(error, MqttError::TlsNotSupported { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn start_rejects_invalid_settings() {
+        let cases = [
+            (
+                MqttSettings {
+                    qos: 3,
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT QoS 3: expected 0, 1 or 2",
+            ),
+            (
+                MqttSettings {
+                    queue_capacity: 0,
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT queue capacity 0: expected at least 1 message",
+            ),
+            (
+                MqttSettings {
+                    keep_alive: Duration::from_millis(500),
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT keep-alive 500ms: expected 0 (off) or whole seconds from 1 s to 65535 s",
+            ),
+            (
+                MqttSettings {
+                    keep_alive: Duration::from_secs(65536),
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT keep-alive 65536s: expected 0 (off) or whole seconds from 1 s to 65535 s",
+            ),
+        ];
+        for (settings, expected) in cases {
+            let error = Publisher::start(settings).unwrap_err();
+            assert_eq!(error.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn topic_validation() {
+        assert!(is_valid_topic("patchflow/camera-1/score"));
+        assert!(!is_valid_topic(""));
+        assert!(!is_valid_topic("patchflow/+/score"));
+        assert!(!is_valid_topic("patchflow/#"));
+        assert!(!is_valid_topic("patch\0flow"));
+        assert!(!is_valid_topic(&"a".repeat(65536)));
+    }
+
+    #[test]
+    fn frame_message_json_schema() {
+        let message = frame_message("camera-1", 42, Some(1_400_000_000), -0.8, 0.73, 0.5, true);
+        let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        let object = json.as_object().unwrap();
+
+        let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        let mut expected_keys = [
+            "source",
+            "frame",
+            "pts_ns",
+            "timestamp_ms",
+            "score",
+            "normalized_score",
+            "threshold",
+            "is_anomalous",
+            "label",
+        ];
+        expected_keys.sort_unstable();
+        assert_eq!(keys, expected_keys);
+        assert_eq!(json["source"], "camera-1");
+        assert_eq!(json["frame"], 42);
+        assert_eq!(json["pts_ns"], 1_400_000_000u64);
+        // serde_json writes the shortest decimal that reads back as the same f32.
+        assert_eq!(json["score"].as_f64().map(|value| value as f32), Some(-0.8));
+        assert_eq!(
+            json["normalized_score"].as_f64().map(|value| value as f32),
+            Some(0.73)
+        );
+        assert_eq!(json["threshold"], 0.5);
+        assert_eq!(json["is_anomalous"], true);
+        assert_eq!(json["label"], "anomalous");
+        // 2020-01-01 in Unix milliseconds: any working clock is later.
+        assert!(json["timestamp_ms"].as_u64().unwrap() > 1_577_836_800_000);
+    }
+
+    #[test]
+    fn frame_message_normal_label_and_missing_pts() {
+        let message = frame_message("camera-1", 0, None, 0.1, 0.2, 0.5, false);
+        let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        assert_eq!(json["label"], "normal");
+        assert_eq!(json["is_anomalous"], false);
+        assert!(json["pts_ns"].is_null());
+    }
+
+    #[test]
+    fn frame_message_writes_nan_as_null() {
+        let message = frame_message("camera-1", 0, None, f32::NAN, f32::INFINITY, 0.5, false);
+        let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        assert!(json["score"].is_null());
+        assert!(json["normalized_score"].is_null());
+    }
+
+    #[test]
+    fn publisher_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Publisher>();
+    }
+
+    #[test]
+    fn publish_rejects_invalid_topic_and_oversized_payload() {
+        // The checks below do not need a broker, so whether the port is open does not matter.
+        let publisher = Publisher::start(MqttSettings {
+            url: "mqtt://127.0.0.1:9".to_owned(),
+            ..MqttSettings::default()
+        })
+        .unwrap();
+
+        assert!(!publisher.publish("a/+/b", b"{}".to_vec()));
+        assert!(!publisher.publish("a/b", vec![0; MAX_PACKET_SIZE]));
+        assert!(publisher.publish("a/b", vec![0; 1024]));
+
+        let stats = publisher.stats();
+        assert_eq!(stats.dropped, 2);
+        assert_eq!(stats.queued, 1);
+        publisher.shutdown(Duration::from_millis(200));
+    }
+}
