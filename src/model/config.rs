@@ -98,18 +98,23 @@ impl ModelConfig {
     /// Checks the values that would otherwise fail deep inside a forward pass.
     pub fn validate(&self) -> Result<(), String> {
         let [h, w] = self.input_size;
-        if h < 32 || w < 32 {
-            return Err(format!("input_size {h}x{w} is too small: each side must be at least 32"));
+        if h < 8 || w < 8 {
+            return Err(format!("input_size {h}x{w} is too small: each side must be at least 8 pixels"));
         }
         if let Some([ch, cw]) = self.crop_size {
             if ch > h || cw > w {
                 return Err(format!("crop_size {ch}x{cw} is larger than input_size {h}x{w}"));
             }
         }
+        // The flow works on the stride-8 grid of the (cropped) input, and every scale
+        // needs at least one pixel.
         let [ih, iw] = self.internal_size();
-        if self.num_scales == 0 || (ih >> (self.num_scales - 1)) < 32 || (iw >> (self.num_scales - 1)) < 32 {
+        if ih < 8 || iw < 8 {
+            return Err(format!("crop_size {ih}x{iw} is too small: each side must be at least 8 pixels"));
+        }
+        if self.num_scales == 0 || self.num_scales > 8 || (ih >> (self.num_scales - 1)) == 0 || (iw >> (self.num_scales - 1)) == 0 {
             return Err(format!(
-                "num_scales {} is too large for {ih}x{iw}: the smallest scale must be at least 32 pixels",
+                "num_scales {} does not fit {ih}x{iw}: use 1 to 8 scales, with the smallest scale at least 1 pixel",
                 self.num_scales
             ));
         }
