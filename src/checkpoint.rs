@@ -69,7 +69,10 @@ pub fn save(path: &Path, model: &PatchFlow, meta: &ModelMeta) -> anyhow::Result<
     let mut info = HashMap::new();
     info.insert(KEY_VERSION.to_string(), FORMAT_VERSION.to_string());
     info.insert(KEY_CONFIG.to_string(), serde_json::to_string(&meta.config)?);
-    info.insert(KEY_BACKBONE.to_string(), serde_json::to_string(&meta.backbone)?);
+    info.insert(
+        KEY_BACKBONE.to_string(),
+        serde_json::to_string(&meta.backbone)?,
+    );
     info.insert(KEY_STATS.to_string(), serde_json::to_string(&meta.stats)?);
     if let Some(training) = &meta.training {
         info.insert(KEY_TRAINING.to_string(), serde_json::to_string(training)?);
@@ -82,36 +85,58 @@ pub fn save(path: &Path, model: &PatchFlow, meta: &ModelMeta) -> anyhow::Result<
     let tmp = path.with_extension("safetensors.partial");
     safetensors::serialize_to_file(tensors, Some(info), &tmp)
         .with_context(|| format!("cannot write model file {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
 /// Reads a model file and builds the model on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<(PatchFlow, ModelMeta), ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    let corrupt = |reason: String| ModelError::Corrupt { path: path.to_path_buf(), reason };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |reason: String| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let fields = header.metadata().clone().unwrap_or_default();
     let meta = parse_meta(&fields)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| corrupt(e.to_string()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| corrupt(e.to_string()))?;
     let weights = Weights::new(tensors, device, DType::F32)?;
     let model = PatchFlow::new(&meta.config, &weights)?;
     Ok((model, meta))
 }
 
 fn field<'a>(fields: &'a HashMap<String, String>, key: &str) -> Result<&'a str, ModelError> {
-    fields.get(key).map(String::as_str).ok_or_else(|| ModelError::MissingField { field: key.to_string() })
+    fields
+        .get(key)
+        .map(String::as_str)
+        .ok_or_else(|| ModelError::MissingField {
+            field: key.to_string(),
+        })
 }
 
-fn json_field<T: serde::de::DeserializeOwned>(fields: &HashMap<String, String>, key: &str) -> Result<T, ModelError> {
-    serde_json::from_str(field(fields, key)?)
-        .map_err(|e| ModelError::InvalidField { field: key.to_string(), reason: e.to_string() })
+fn json_field<T: serde::de::DeserializeOwned>(
+    fields: &HashMap<String, String>,
+    key: &str,
+) -> Result<T, ModelError> {
+    serde_json::from_str(field(fields, key)?).map_err(|e| ModelError::InvalidField {
+        field: key.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn parse_meta(fields: &HashMap<String, String>) -> Result<ModelMeta, ModelError> {
     let version = field(fields, KEY_VERSION)?;
     if version != FORMAT_VERSION {
-        return Err(ModelError::UnsupportedVersion { found: version.to_string(), supported: FORMAT_VERSION.to_string() });
+        return Err(ModelError::UnsupportedVersion {
+            found: version.to_string(),
+            supported: FORMAT_VERSION.to_string(),
+        });
     }
     let training = match fields.get(KEY_TRAINING) {
         Some(_) => Some(json_field(fields, KEY_TRAINING)?),
@@ -127,8 +152,14 @@ fn parse_meta(fields: &HashMap<String, String>) -> Result<ModelMeta, ModelError>
 
 /// Reads only the metadata of a model file, without building the model.
 pub fn read_meta(path: &Path) -> Result<ModelMeta, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| ModelError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     parse_meta(&header.metadata().clone().unwrap_or_default())
 }

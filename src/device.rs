@@ -14,11 +14,17 @@ pub fn parse(name: &str) -> candle_core::Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| candle_core::Error::msg(format!("invalid device {name:?}: expected cpu, cuda or cuda:N")))?,
+            .ok_or_else(|| {
+                candle_core::Error::msg(format!(
+                    "invalid device {name:?}: expected cpu, cuda or cuda:N"
+                ))
+            })?,
         None => candle_core::bail!("invalid device {name:?}: expected cpu, cuda or cuda:N"),
     };
     if !cfg!(feature = "cuda") {
-        candle_core::bail!("device {name:?} needs a build with the `cuda` feature; this build runs on cpu only");
+        candle_core::bail!(
+            "device {name:?} needs a build with the `cuda` feature; this build runs on cpu only"
+        );
     }
     Device::new_cuda(ordinal)
 }
@@ -37,7 +43,10 @@ mod tests {
     fn bad_names_are_rejected() {
         for name in ["gpu", "cuda:x", "cuda0", ""] {
             let err = parse(name).unwrap_err().to_string();
-            assert!(err.contains("expected cpu, cuda or cuda:N"), "{name}: {err}");
+            assert!(
+                err.contains("expected cpu, cuda or cuda:N"),
+                "{name}: {err}"
+            );
         }
     }
 

@@ -62,7 +62,10 @@ impl PackedFrame<'_> {
             return Err(format!("empty frame {}x{}", self.width, self.height));
         }
         if self.stride < row {
-            return Err(format!("stride {} is smaller than a row of {row} bytes", self.stride));
+            return Err(format!(
+                "stride {} is smaller than a row of {row} bytes",
+                self.stride
+            ));
         }
         let needed = self.stride * (self.height - 1) + row;
         if self.data.len() < needed {
@@ -118,7 +121,10 @@ pub struct Taps {
 
 /// Computes the per-output-sample weights for resizing one axis from `input` to `output`.
 pub fn resize_taps(input: usize, output: usize, mode: ResizeMode) -> Vec<Taps> {
-    assert!(input > 0 && output > 0, "resize from {input} to {output} samples");
+    assert!(
+        input > 0 && output > 0,
+        "resize from {input} to {output} samples"
+    );
     let scale = input as f64 / output as f64;
     match mode {
         ResizeMode::Bilinear => (0..output)
@@ -128,7 +134,10 @@ pub fn resize_taps(input: usize, output: usize, mode: ResizeMode) -> Vec<Taps> {
                 let x1 = (x0 + 1).min(input - 1);
                 let lambda = src - x0 as f64;
                 if x1 == x0 {
-                    Taps { start: x0, weights: vec![1.0] }
+                    Taps {
+                        start: x0,
+                        weights: vec![1.0],
+                    }
                 } else {
                     let weights = vec![(1.0 - lambda) as f32, lambda as f32];
                     Taps { start: x0, weights }
@@ -136,7 +145,11 @@ pub fn resize_taps(input: usize, output: usize, mode: ResizeMode) -> Vec<Taps> {
             })
             .collect(),
         ResizeMode::Antialias => {
-            let (support, inv) = if scale >= 1.0 { (scale, 1.0 / scale) } else { (1.0, 1.0) };
+            let (support, inv) = if scale >= 1.0 {
+                (scale, 1.0 / scale)
+            } else {
+                (1.0, 1.0)
+            };
             (0..output)
                 .map(|i| {
                     let center = scale * (i as f64 + 0.5);
@@ -150,7 +163,10 @@ pub fn resize_taps(input: usize, output: usize, mode: ResizeMode) -> Vec<Taps> {
                         .iter()
                         .map(|w| if total > 0.0 { (w / total) as f32 } else { 0.0 })
                         .collect();
-                    Taps { start: xmin, weights }
+                    Taps {
+                        start: xmin,
+                        weights,
+                    }
                 })
                 .collect()
         }
@@ -177,7 +193,11 @@ pub fn resize_planes(
     (out_h, out_w): (usize, usize),
     mode: ResizeMode,
 ) -> Vec<f32> {
-    assert_eq!(src.len(), channels * in_h * in_w, "plane data does not match its size");
+    assert_eq!(
+        src.len(),
+        channels * in_h * in_w,
+        "plane data does not match its size"
+    );
     if (in_h, in_w) == (out_h, out_w) {
         return src.to_vec();
     }
@@ -222,7 +242,11 @@ pub enum Colormap {
 impl Colormap {
     /// Maps a value in [0, 1] to an 8-bit RGB colour.
     pub fn rgb(self, value: f32) -> [u8; 3] {
-        let v = if value.is_nan() { 0.0 } else { value.clamp(0.0, 1.0) };
+        let v = if value.is_nan() {
+            0.0
+        } else {
+            value.clamp(0.0, 1.0)
+        };
         let to_u8 = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
         match self {
             // Piecewise-linear ramps: each channel is a trapezoid centred a quarter
@@ -279,7 +303,11 @@ pub fn blend_heatmap(
         let row = &mut data[y * stride..y * stride + width * bpp];
         for (x, px) in row.chunks_exact_mut(bpp).enumerate() {
             let v = values[y * width + x];
-            let index = if v.is_nan() { 0 } else { (v.clamp(0.0, 1.0) * 255.0).round() as usize };
+            let index = if v.is_nan() {
+                0
+            } else {
+                (v.clamp(0.0, 1.0) * 255.0).round() as usize
+            };
             let colour = lut[index];
             for (c, &offset) in offsets.iter().enumerate() {
                 let mixed = (1.0 - alpha) * px[offset] as f32 + alpha * colour[c] as f32;
@@ -301,7 +329,13 @@ pub fn load_rgb_chw(path: &std::path::Path) -> anyhow::Result<(Vec<f32>, usize, 
         .with_context(|| format!("cannot decode image {}", path.display()))?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let frame = PackedFrame { data: img.as_raw(), width: w, height: h, stride: 3 * w, layout: PixelLayout::Rgb };
+    let frame = PackedFrame {
+        data: img.as_raw(),
+        width: w,
+        height: h,
+        stride: 3 * w,
+        layout: PixelLayout::Rgb,
+    };
     Ok((frame.to_chw(), h, w))
 }
 
@@ -356,28 +390,59 @@ mod tests {
     #[test]
     fn to_chw_reads_layouts_and_stride() {
         // Two BGRx pixels per row, one padding byte per row.
-        let data = [3u8, 2, 1, 0, 6, 5, 4, 0, 99, 30, 20, 10, 0, 60, 50, 40, 0, 99];
-        let frame = PackedFrame { data: &data, width: 2, height: 2, stride: 9, layout: PixelLayout::Bgrx };
+        let data = [
+            3u8, 2, 1, 0, 6, 5, 4, 0, 99, 30, 20, 10, 0, 60, 50, 40, 0, 99,
+        ];
+        let frame = PackedFrame {
+            data: &data,
+            width: 2,
+            height: 2,
+            stride: 9,
+            layout: PixelLayout::Bgrx,
+        };
         frame.validate().unwrap();
         let chw = frame.to_chw();
-        let red: Vec<u8> = chw[0..4].iter().map(|v| (v * 255.0).round() as u8).collect();
+        let red: Vec<u8> = chw[0..4]
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
         assert_eq!(red, vec![1, 4, 10, 40]);
-        let blue: Vec<u8> = chw[8..12].iter().map(|v| (v * 255.0).round() as u8).collect();
+        let blue: Vec<u8> = chw[8..12]
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
         assert_eq!(blue, vec![3, 6, 30, 60]);
     }
 
     #[test]
     fn validate_rejects_short_buffer() {
         let data = [0u8; 10];
-        let frame = PackedFrame { data: &data, width: 2, height: 2, stride: 6, layout: PixelLayout::Rgb };
+        let frame = PackedFrame {
+            data: &data,
+            width: 2,
+            height: 2,
+            stride: 6,
+            layout: PixelLayout::Rgb,
+        };
         assert!(frame.validate().unwrap_err().contains("needs 12"));
     }
 
     #[test]
     fn blend_leaves_alpha_byte_alone() {
         let mut data = vec![10u8, 20, 30, 77];
-        let heat = HeatMap { width: 1, height: 1, values: vec![1.0] };
-        blend_heatmap(&mut data, (1, 1, 4), PixelLayout::Rgba, &heat, Colormap::Jet, 1.0);
+        let heat = HeatMap {
+            width: 1,
+            height: 1,
+            values: vec![1.0],
+        };
+        blend_heatmap(
+            &mut data,
+            (1, 1, 4),
+            PixelLayout::Rgba,
+            &heat,
+            Colormap::Jet,
+            1.0,
+        );
         assert_eq!(data[3], 77);
         assert_eq!(&data[..3], &Colormap::Jet.rgb(1.0));
     }
@@ -386,8 +451,19 @@ mod tests {
     fn blend_with_zero_alpha_is_identity() {
         let mut data = vec![10u8, 20, 30, 40, 50, 60];
         let before = data.clone();
-        let heat = HeatMap { width: 2, height: 1, values: vec![0.0, 1.0] };
-        blend_heatmap(&mut data, (2, 1, 6), PixelLayout::Rgb, &heat, Colormap::Jet, 0.0);
+        let heat = HeatMap {
+            width: 2,
+            height: 1,
+            values: vec![0.0, 1.0],
+        };
+        blend_heatmap(
+            &mut data,
+            (2, 1, 6),
+            PixelLayout::Rgb,
+            &heat,
+            Colormap::Jet,
+            0.0,
+        );
         assert_eq!(data, before);
     }
 

@@ -117,7 +117,12 @@ pub struct ScoringConfig {
 
 impl Default for ScoringConfig {
     fn default() -> Self {
-        Self { threshold: 0.5, overlay: true, alpha: 0.5, colormap: "jet".into() }
+        Self {
+            threshold: 0.5,
+            overlay: true,
+            alpha: 0.5,
+            colormap: "jet".into(),
+        }
     }
 }
 
@@ -155,7 +160,9 @@ pub fn expand_env(text: &str) -> Result<String, String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unclosed ${{ in {text:?}"))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed ${{ in {text:?}"))?;
         let expr = &after[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -164,7 +171,11 @@ pub fn expand_env(text: &str) -> Result<String, String> {
         match (std::env::var(name), default) {
             (Ok(v), _) if !v.is_empty() => out.push_str(&v),
             (_, Some(d)) => out.push_str(d),
-            _ => return Err(format!("environment variable {name} is not set (used in {text:?})")),
+            _ => {
+                return Err(format!(
+                    "environment variable {name} is not set (used in {text:?})"
+                ));
+            }
         }
         rest = &after[end + 1..];
     }
@@ -180,7 +191,11 @@ fn expand_all(value: &mut toml::Value, problems: &mut Vec<String>, at: &str) {
         },
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 expand_all(v, problems, &path);
             }
         }
@@ -196,18 +211,29 @@ fn expand_all(value: &mut toml::Value, problems: &mut Vec<String>, at: &str) {
 impl LineConfig {
     /// Reads, expands and validates a config file. Every problem is reported at once.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let fail = |problems: Vec<String>| ConfigError { path: path.to_path_buf(), problems };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
-        let mut value: toml::Value = toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
+        let fail = |problems: Vec<String>| ConfigError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        let mut value: toml::Value =
+            toml::from_str(&text).map_err(|e| fail(vec![e.to_string()]))?;
         let mut problems = Vec::new();
         expand_all(&mut value, &mut problems, "");
         if !problems.is_empty() {
             return Err(fail(problems));
         }
-        let mut config: LineConfig = value.try_into().map_err(|e: toml::de::Error| fail(vec![e.to_string()]))?;
+        let mut config: LineConfig = value
+            .try_into()
+            .map_err(|e: toml::de::Error| fail(vec![e.to_string()]))?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         let problems = config.problems();
-        if problems.is_empty() { Ok(config) } else { Err(fail(problems)) }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -240,22 +266,37 @@ impl LineConfig {
             p.push(format!("name {:?}: must be non-empty and contain no '/', '#' or '+' (it is part of MQTT topics)", self.name));
         }
         if !Path::new(&self.model.path).is_file() {
-            p.push(format!("model.path {}: file not found; train one with `patchflow train`", self.model.path));
+            p.push(format!(
+                "model.path {}: file not found; train one with `patchflow train`",
+                self.model.path
+            ));
         }
         if let Err(e) = crate::device::parse(&self.model.device) {
             p.push(format!("model.device: {e}"));
         }
         if !(0.0..=1.0).contains(&self.scoring.threshold) {
-            p.push(format!("scoring.threshold {}: must be between 0 and 1", self.scoring.threshold));
+            p.push(format!(
+                "scoring.threshold {}: must be between 0 and 1",
+                self.scoring.threshold
+            ));
         }
         if !(0.0..=1.0).contains(&self.scoring.alpha) {
-            p.push(format!("scoring.alpha {}: must be between 0 and 1", self.scoring.alpha));
+            p.push(format!(
+                "scoring.alpha {}: must be between 0 and 1",
+                self.scoring.alpha
+            ));
         }
         if !["jet", "hot"].contains(&self.scoring.colormap.as_str()) {
-            p.push(format!("scoring.colormap {:?}: expected jet or hot", self.scoring.colormap));
+            p.push(format!(
+                "scoring.colormap {:?}: expected jet or hot",
+                self.scoring.colormap
+            ));
         }
         match &self.source {
-            SourceConfig::Images { location, framerate } => {
+            SourceConfig::Images {
+                location,
+                framerate,
+            } => {
                 if !location.contains('%') {
                     p.push(format!("source.location {location:?}: expected a numbered pattern such as frames/%05d.png"));
                 }
@@ -266,7 +307,9 @@ impl LineConfig {
             SourceConfig::Uri { uri } if !uri.contains("://") => {
                 p.push(format!("source.uri {uri:?}: expected a URI such as file:///path/video.mp4 or rtsp://host/stream"));
             }
-            SourceConfig::Test { framerate: 0, .. } => p.push("source.framerate: must be at least 1".into()),
+            SourceConfig::Test { framerate: 0, .. } => {
+                p.push("source.framerate: must be at least 1".into())
+            }
             _ => {}
         }
         if let Some(mqtt) = &self.mqtt {
@@ -279,7 +322,9 @@ impl LineConfig {
         }
         if let SinkConfig::File { location } = &self.sink {
             if !(location.ends_with(".avi") || location.ends_with(".mkv")) {
-                p.push(format!("sink.location {location:?}: expected an .avi or .mkv file"));
+                p.push(format!(
+                    "sink.location {location:?}: expected an .avi or .mkv file"
+                ));
             }
         }
         p
@@ -287,21 +332,39 @@ impl LineConfig {
 
     /// The MQTT topic of the per-frame messages.
     pub fn topic(&self) -> Option<String> {
-        self.mqtt.as_ref().map(|m| m.topic.clone().unwrap_or_else(|| format!("patchflow/{}/score", self.name)))
+        self.mqtt.as_ref().map(|m| {
+            m.topic
+                .clone()
+                .unwrap_or_else(|| format!("patchflow/{}/score", self.name))
+        })
     }
 
     /// The pipeline in `gst-launch-1.0` syntax.
     pub fn pipeline_description(&self) -> String {
         let source = match &self.source {
-            SourceConfig::Images { location, framerate } => format!(
+            SourceConfig::Images {
+                location,
+                framerate,
+            } => format!(
                 "multifilesrc location={} index=0 caps=\"image/png,framerate=(fraction){framerate}/1\" ! pngdec",
                 quote(location)
             ),
             SourceConfig::Uri { uri } => format!("uridecodebin uri={}", quote(uri)),
             SourceConfig::V4l2 { device } => format!("v4l2src device={}", quote(device)),
-            SourceConfig::Test { num_buffers, width, height, framerate, pattern } => {
-                let pattern = pattern.as_ref().map(|p| format!(" pattern={}", quote(p))).unwrap_or_default();
-                format!("videotestsrc num-buffers={num_buffers}{pattern} ! video/x-raw,width={width},height={height},framerate={framerate}/1")
+            SourceConfig::Test {
+                num_buffers,
+                width,
+                height,
+                framerate,
+                pattern,
+            } => {
+                let pattern = pattern
+                    .as_ref()
+                    .map(|p| format!(" pattern={}", quote(p)))
+                    .unwrap_or_default();
+                format!(
+                    "videotestsrc num-buffers={num_buffers}{pattern} ! video/x-raw,width={width},height={height},framerate={framerate}/1"
+                )
             }
         };
         let s = &self.scoring;
@@ -315,18 +378,31 @@ impl LineConfig {
             s.colormap
         );
         if let (Some(mqtt), Some(topic)) = (&self.mqtt, self.topic()) {
-            scorer.push_str(&format!(" mqtt-url={} mqtt-topic={} mqtt-qos={}", quote(&mqtt.url), quote(&topic), mqtt.qos));
+            scorer.push_str(&format!(
+                " mqtt-url={} mqtt-topic={} mqtt-qos={}",
+                quote(&mqtt.url),
+                quote(&topic),
+                mqtt.qos
+            ));
         }
         let sink = match &self.sink {
             SinkConfig::None => "fakesink sync=false".to_string(),
             SinkConfig::Display => "autovideosink".to_string(),
             SinkConfig::File { location } if location.ends_with(".mkv") => {
-                format!("jpegenc ! matroskamux ! filesink location={}", quote(location))
+                format!(
+                    "jpegenc ! matroskamux ! filesink location={}",
+                    quote(location)
+                )
             }
-            SinkConfig::File { location } => format!("jpegenc ! avimux ! filesink location={}", quote(location)),
+            SinkConfig::File { location } => {
+                format!("jpegenc ! avimux ! filesink location={}", quote(location))
+            }
             SinkConfig::Frames { folder } => {
                 let pattern = Path::new(folder).join("frame-%05d.png");
-                format!("pngenc ! multifilesink location={}", quote(&pattern.to_string_lossy()))
+                format!(
+                    "pngenc ! multifilesink location={}",
+                    quote(&pattern.to_string_lossy())
+                )
             }
         };
         format!("{source} ! videoconvert ! {scorer} ! videoconvert ! {sink}")
@@ -346,7 +422,10 @@ pub fn ensure_element() -> Result<()> {
     if gst::ElementFactory::find("patchflowscore").is_some() {
         return Ok(());
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         gst::Registry::get().scan_path(&dir);
     }
     if gst::ElementFactory::find("patchflowscore").is_none() {
@@ -370,7 +449,11 @@ pub struct RunSummary {
 pub fn run_file(path: &Path) -> Result<ExitCode> {
     let config = LineConfig::load(path)?;
     let summary = run_line(&config)?;
-    let mean_ms = if summary.frames > 0 { summary.inference_ms_total / summary.frames as f64 } else { 0.0 };
+    let mean_ms = if summary.frames > 0 {
+        summary.inference_ms_total / summary.frames as f64
+    } else {
+        0.0
+    };
     eprintln!(
         "line {}: {} frames scored, {} anomalous, max normalised score {:.3}, mean inference {:.1} ms",
         config.name, summary.frames, summary.anomalous, summary.max_score, mean_ms
@@ -384,9 +467,8 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     ensure_element()?;
     match &config.sink {
         SinkConfig::File { location } => create_parent(Path::new(location))?,
-        SinkConfig::Frames { folder } => {
-            std::fs::create_dir_all(folder).with_context(|| format!("cannot create sink folder {folder}"))?
-        }
+        SinkConfig::Frames { folder } => std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create sink folder {folder}"))?,
         _ => {}
     }
     let description = config.pipeline_description();
@@ -411,7 +493,11 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     }
 
     pipeline.set_state(gst::State::Playing).with_context(|| {
-        format!("cannot start line {}: {}", config.name, first_error(&pipeline).unwrap_or_default())
+        format!(
+            "cannot start line {}: {}",
+            config.name,
+            first_error(&pipeline).unwrap_or_default()
+        )
     })?;
     let result = watch_bus(&pipeline, &interrupted);
     pipeline.set_state(gst::State::Null).ok();
@@ -420,7 +506,8 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
 
 fn create_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create folder {}", dir.display()))?;
     }
     Ok(())
 }
@@ -430,7 +517,11 @@ fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
     let bus = pipeline.bus()?;
     while let Some(msg) = bus.pop() {
         if let gst::MessageView::Error(err) = msg.view() {
-            return Some(format!("{} ({})", err.error(), err.debug().map(|d| d.to_string()).unwrap_or_default()));
+            return Some(format!(
+                "{} ({})",
+                err.error(),
+                err.debug().map(|d| d.to_string()).unwrap_or_default()
+            ));
         }
     }
     None
@@ -449,24 +540,37 @@ fn watch_bus(pipeline: &gst::Pipeline, interrupted: &AtomicBool) -> Result<RunSu
             tracing::warn!("end of stream did not arrive within 5 s of the interrupt; stopping");
             return Ok(summary);
         }
-        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(200)) else { continue };
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(200)) else {
+            continue;
+        };
         match msg.view() {
             gst::MessageView::Eos(_) => return Ok(summary),
             gst::MessageView::Error(err) => {
-                let source = err.src().map(|s| s.path_string().to_string()).unwrap_or_default();
+                let source = err
+                    .src()
+                    .map(|s| s.path_string().to_string())
+                    .unwrap_or_default();
                 let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
                 bail!("{source}: {}\n{debug}", err.error());
             }
-            gst::MessageView::Warning(w) => tracing::warn!(warning = %w.error(), "pipeline warning"),
+            gst::MessageView::Warning(w) => {
+                tracing::warn!(warning = %w.error(), "pipeline warning")
+            }
             gst::MessageView::Element(e) => {
                 if let Some(s) = e.structure().filter(|s| s.name() == "patchflow") {
                     summary.frames += 1;
                     if s.get::<bool>("is-anomalous").unwrap_or(false) {
                         summary.anomalous += 1;
                     }
-                    summary.max_score = summary.max_score.max(s.get::<f64>("normalized-score").unwrap_or(0.0));
+                    summary.max_score = summary
+                        .max_score
+                        .max(s.get::<f64>("normalized-score").unwrap_or(0.0));
                     summary.inference_ms_total += s.get::<f64>("inference-ms").unwrap_or(0.0);
-                    tracing::debug!(frame = s.get::<u64>("frame").unwrap_or(0), score = s.get::<f64>("score").unwrap_or(f64::NAN), "frame scored");
+                    tracing::debug!(
+                        frame = s.get::<u64>("frame").unwrap_or(0),
+                        score = s.get::<f64>("score").unwrap_or(f64::NAN),
+                        "frame scored"
+                    );
                 }
             }
             _ => {}
@@ -482,9 +586,19 @@ mod tests {
     fn env_expansion() {
         // SAFETY: tests in this module are the only readers of this variable.
         unsafe { std::env::set_var("PATCHFLOW_TEST_PORT", "1999") };
-        assert_eq!(expand_env("mqtt://h:${PATCHFLOW_TEST_PORT}").unwrap(), "mqtt://h:1999");
-        assert_eq!(expand_env("${PATCHFLOW_TEST_UNSET_X:-abc}/x").unwrap(), "abc/x");
-        assert!(expand_env("${PATCHFLOW_TEST_UNSET_X}").unwrap_err().contains("PATCHFLOW_TEST_UNSET_X"));
+        assert_eq!(
+            expand_env("mqtt://h:${PATCHFLOW_TEST_PORT}").unwrap(),
+            "mqtt://h:1999"
+        );
+        assert_eq!(
+            expand_env("${PATCHFLOW_TEST_UNSET_X:-abc}/x").unwrap(),
+            "abc/x"
+        );
+        assert!(
+            expand_env("${PATCHFLOW_TEST_UNSET_X}")
+                .unwrap_err()
+                .contains("PATCHFLOW_TEST_UNSET_X")
+        );
         assert!(expand_env("${OPEN").is_err());
     }
 

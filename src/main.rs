@@ -181,7 +181,13 @@ struct TrainArgs {
 struct UsageError(String);
 
 fn parse_size(text: &str, what: &str) -> Result<[usize; 2]> {
-    let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| UsageError(format!("invalid {what} {text:?}: expected SIZE or HEIGHTxWIDTH")));
+    let parse = |s: &str| {
+        s.trim().parse::<usize>().map_err(|_| {
+            UsageError(format!(
+                "invalid {what} {text:?}: expected SIZE or HEIGHTxWIDTH"
+            ))
+        })
+    };
     match text.split_once(['x', 'X']) {
         Some((h, w)) => Ok([parse(h)?, parse(w)?]),
         None => {
@@ -192,8 +198,12 @@ fn parse_size(text: &str, what: &str) -> Result<[usize; 2]> {
 }
 
 fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
-    let mut cfg = ModelConfig::preset(&args.preset)
-        .ok_or_else(|| UsageError(format!("unknown preset {:?}: expected lite0 or b5", args.preset)))?;
+    let mut cfg = ModelConfig::preset(&args.preset).ok_or_else(|| {
+        UsageError(format!(
+            "unknown preset {:?}: expected lite0 or b5",
+            args.preset
+        ))
+    })?;
     if let Some(size) = &args.input_size {
         cfg.input_size = parse_size(size, "--input-size")?;
     }
@@ -211,7 +221,8 @@ fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
             ResizeArg::Bilinear => ResizeMode::Bilinear,
         };
     }
-    cfg.validate().map_err(|e| UsageError(format!("invalid model configuration: {e}")))?;
+    cfg.validate()
+        .map_err(|e| UsageError(format!("invalid model configuration: {e}")))?;
     Ok(cfg)
 }
 
@@ -245,7 +256,10 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     );
     let (model, meta) = train::train(&cfg, &args.backbone, &images, &opts, &device(&args.device)?)?;
     checkpoint::save(&args.output, &model, &meta)?;
-    let t = meta.training.as_ref().expect("train() records its settings");
+    let t = meta
+        .training
+        .as_ref()
+        .expect("train() records its settings");
     let s = &meta.stats;
     eprintln!(
         "wrote {}: {} train / {} held-out images, {} epochs in {:.1} s, final loss {:.4}, threshold {:.6} (held-out scores {:.6} to {:.6})",
@@ -264,10 +278,18 @@ fn run_train(args: &TrainArgs) -> Result<()> {
 
 fn load_scorer(model: &Path, device_arg: &DeviceArg) -> Result<Scorer> {
     let device = device(device_arg)?;
-    Scorer::load(model, &device).map_err(|e| UsageError(format!("cannot load model {}: {e}", model.display())).into())
+    Scorer::load(model, &device)
+        .map_err(|e| UsageError(format!("cannot load model {}: {e}", model.display())).into())
 }
 
-fn run_predict(model: &Path, inputs: &[PathBuf], output_dir: Option<&Path>, threshold: f32, alpha: f32, device: &DeviceArg) -> Result<()> {
+fn run_predict(
+    model: &Path,
+    inputs: &[PathBuf],
+    output_dir: Option<&Path>,
+    threshold: f32,
+    alpha: f32,
+    device: &DeviceArg,
+) -> Result<()> {
     let scorer = load_scorer(model, device)?;
     let files = collect_inputs(inputs)?;
     for result in predict::predict(&scorer, &files, threshold, output_dir, alpha)? {
@@ -276,12 +298,27 @@ fn run_predict(model: &Path, inputs: &[PathBuf], output_dir: Option<&Path>, thre
     Ok(())
 }
 
-fn run_eval(model: &Path, good: &Path, anomalous: &Path, threshold: f32, report: Option<&Path>, device: &DeviceArg) -> Result<()> {
+fn run_eval(
+    model: &Path,
+    good: &Path,
+    anomalous: &Path,
+    threshold: f32,
+    report: Option<&Path>,
+    device: &DeviceArg,
+) -> Result<()> {
     let scorer = load_scorer(model, device)?;
     let good_results = predict::predict(&scorer, &train::list_images(good)?, threshold, None, 0.0)?;
-    let bad_results = predict::predict(&scorer, &train::list_images(anomalous)?, threshold, None, 0.0)?;
+    let bad_results = predict::predict(
+        &scorer,
+        &train::list_images(anomalous)?,
+        threshold,
+        None,
+        0.0,
+    )?;
     let summary = predict::evaluate(&good_results, &bad_results, threshold);
-    let auroc = summary.image_auroc.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+    let auroc = summary
+        .image_auroc
+        .map_or("n/a".to_string(), |a| format!("{a:.4}"));
     println!(
         "image AUROC {auroc}, image F1 {:.4}, accuracy {:.4} at threshold {} ({} good, {} anomalous; TP {} FP {} TN {} FN {})",
         summary.image_f1,
@@ -296,13 +333,15 @@ fn run_eval(model: &Path, good: &Path, anomalous: &Path, threshold: f32, report:
     );
     if let Some(path) = report {
         let doc = serde_json::json!({ "summary": summary, "good": good_results, "anomalous": bad_results });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("cannot write report {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     Ok(())
 }
 
 fn run_info(model: &Path) -> Result<()> {
-    let meta = checkpoint::read_meta(model).map_err(|e| UsageError(format!("cannot read model {}: {e}", model.display())))?;
+    let meta = checkpoint::read_meta(model)
+        .map_err(|e| UsageError(format!("cannot read model {}: {e}", model.display())))?;
     let doc = serde_json::json!({
         "config": meta.config,
         "backbone": meta.backbone,
@@ -320,15 +359,21 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::ConvertBackbone { input, output } => {
             if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             let report = patchflow::convert::convert_lite0(input, output)?;
             eprintln!(
@@ -340,12 +385,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Train(args) => run_train(args)?,
-        Command::Predict { model, inputs, output_dir, threshold, alpha, device } => {
-            run_predict(model, inputs, output_dir.as_deref(), *threshold, *alpha, device)?
-        }
-        Command::Eval { model, good, anomalous, threshold, report, device } => {
-            run_eval(model, good, anomalous, *threshold, report.as_deref(), device)?
-        }
+        Command::Predict {
+            model,
+            inputs,
+            output_dir,
+            threshold,
+            alpha,
+            device,
+        } => run_predict(
+            model,
+            inputs,
+            output_dir.as_deref(),
+            *threshold,
+            *alpha,
+            device,
+        )?,
+        Command::Eval {
+            model,
+            good,
+            anomalous,
+            threshold,
+            report,
+            device,
+        } => run_eval(
+            model,
+            good,
+            anomalous,
+            *threshold,
+            report.as_deref(),
+            device,
+        )?,
         Command::Info { model } => run_info(model)?,
         Command::Run { config } => return patchflow::line::run_file(config),
     }
@@ -359,8 +428,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("patchflow: {err:#}");
-            let usage = err.chain().any(|e| e.is::<UsageError>() || e.is::<patchflow::line::ConfigError>());
-            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
+            let usage = err
+                .chain()
+                .any(|e| e.is::<UsageError>() || e.is::<patchflow::line::ConfigError>());
+            if usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -22,7 +22,11 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
         // Consume every sample that shares this score before adding a point.
         let value = scores[order[i]];
         while i < order.len() && scores[order[i]].total_cmp(&value).is_eq() {
-            if labels[order[i]] { tp += 1 } else { fp += 1 }
+            if labels[order[i]] {
+                tp += 1
+            } else {
+                fp += 1
+            }
             i += 1;
         }
         let tpr = tp as f64 / positives as f64;
@@ -60,13 +64,22 @@ impl Confusion {
     /// F1 score; 0 when there are no positive predictions and no positives.
     pub fn f1(&self) -> f64 {
         let denom = 2 * self.true_positive + self.false_positive + self.false_negative;
-        if denom == 0 { 0.0 } else { 2.0 * self.true_positive as f64 / denom as f64 }
+        if denom == 0 {
+            0.0
+        } else {
+            2.0 * self.true_positive as f64 / denom as f64
+        }
     }
 
     /// Share of correct decisions.
     pub fn accuracy(&self) -> f64 {
-        let total = self.true_positive + self.false_positive + self.true_negative + self.false_negative;
-        if total == 0 { 0.0 } else { (self.true_positive + self.true_negative) as f64 / total as f64 }
+        let total =
+            self.true_positive + self.false_positive + self.true_negative + self.false_negative;
+        if total == 0 {
+            0.0
+        } else {
+            (self.true_positive + self.true_negative) as f64 / total as f64
+        }
     }
 }
 
@@ -76,19 +89,28 @@ mod tests {
 
     #[test]
     fn perfect_separation_is_one() {
-        assert_eq!(auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), Some(1.0));
+        assert_eq!(
+            auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]),
+            Some(1.0)
+        );
     }
 
     #[test]
     fn reversed_is_zero() {
-        assert_eq!(auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]), Some(0.0));
+        assert_eq!(
+            auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]),
+            Some(0.0)
+        );
     }
 
     #[test]
     fn hand_computed_case() {
         // Positives 0.8, 0.4; negatives 0.6, 0.2. Pairs ranked right: (0.8>0.6),
         // (0.8>0.2), (0.4>0.2); wrong: (0.4<0.6). AUROC = 3/4.
-        assert_eq!(auroc(&[0.8, 0.4, 0.6, 0.2], &[true, true, false, false]), Some(0.75));
+        assert_eq!(
+            auroc(&[0.8, 0.4, 0.6, 0.2], &[true, true, false, false]),
+            Some(0.75)
+        );
     }
 
     #[test]

@@ -44,27 +44,55 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Scores one image file.
 pub fn score_file(scorer: &Scorer, path: &Path) -> Result<(FrameScore, Vec<f32>, (usize, usize))> {
     let (chw, h, w) = load_rgb_chw(path)?;
-    let result = scorer.score_chw(&chw, (h, w)).with_context(|| format!("cannot score {}", path.display()))?;
+    let result = scorer
+        .score_chw(&chw, (h, w))
+        .with_context(|| format!("cannot score {}", path.display()))?;
     Ok((result, chw, (h, w)))
 }
 
 /// Writes the image with the heatmap blended on as an 8-bit RGB PNG.
-pub fn write_overlay(path: &Path, chw: &[f32], (h, w): (usize, usize), result: &FrameScore, alpha: f32) -> Result<()> {
+pub fn write_overlay(
+    path: &Path,
+    chw: &[f32],
+    (h, w): (usize, usize),
+    result: &FrameScore,
+    alpha: f32,
+) -> Result<()> {
     let mut rgb = vec![0u8; 3 * h * w];
     for (i, px) in rgb.chunks_exact_mut(3).enumerate() {
         for (c, v) in px.iter_mut().enumerate() {
             *v = (chw[c * h * w + i] * 255.0).round().clamp(0.0, 255.0) as u8;
         }
     }
-    blend_heatmap(&mut rgb, (w, h, 3 * w), PixelLayout::Rgb, &result.heat, Colormap::Jet, alpha);
-    image::save_buffer(path, &rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
-        .with_context(|| format!("cannot write overlay {}", path.display()))
+    blend_heatmap(
+        &mut rgb,
+        (w, h, 3 * w),
+        PixelLayout::Rgb,
+        &result.heat,
+        Colormap::Jet,
+        alpha,
+    );
+    image::save_buffer(
+        path,
+        &rgb,
+        w as u32,
+        h as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .with_context(|| format!("cannot write overlay {}", path.display()))
 }
 
 /// Scores every image, writing overlays into `overlay_dir` when given.
-pub fn predict(scorer: &Scorer, files: &[PathBuf], threshold: f32, overlay_dir: Option<&Path>, alpha: f32) -> Result<Vec<ImageResult>> {
+pub fn predict(
+    scorer: &Scorer,
+    files: &[PathBuf],
+    threshold: f32,
+    overlay_dir: Option<&Path>,
+    alpha: f32,
+) -> Result<Vec<ImageResult>> {
     if let Some(dir) = overlay_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     }
     let mut results = Vec::with_capacity(files.len());
     for path in files {
@@ -110,8 +138,16 @@ pub struct EvalReport {
 /// Computes image AUROC (on raw scores) and F1 at the threshold from predictions.
 pub fn evaluate(good: &[ImageResult], anomalous: &[ImageResult], threshold: f32) -> EvalReport {
     let scores: Vec<f32> = good.iter().chain(anomalous).map(|r| r.score).collect();
-    let labels: Vec<bool> = good.iter().map(|_| false).chain(anomalous.iter().map(|_| true)).collect();
-    let predicted: Vec<bool> = good.iter().chain(anomalous).map(|r| r.is_anomalous).collect();
+    let labels: Vec<bool> = good
+        .iter()
+        .map(|_| false)
+        .chain(anomalous.iter().map(|_| true))
+        .collect();
+    let predicted: Vec<bool> = good
+        .iter()
+        .chain(anomalous)
+        .map(|r| r.is_anomalous)
+        .collect();
     let confusion = Confusion::new(&predicted, &labels);
     EvalReport {
         good_images: good.len(),

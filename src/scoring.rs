@@ -44,7 +44,11 @@ pub fn normalize(x: f32, threshold: f32, lo: f32, hi: f32) -> f32 {
     if lo.is_nan() || hi.is_nan() {
         return x;
     }
-    let t = if threshold.is_nan() { (hi + lo) / 2.0 } else { threshold };
+    let t = if threshold.is_nan() {
+        (hi + lo) / 2.0
+    } else {
+        threshold
+    };
     if hi == lo {
         return if x > t {
             1.0
@@ -103,17 +107,31 @@ impl Scorer {
     }
 
     /// Scores a planar RGB image (3, H, W) with values in [0, 1].
-    pub fn score_chw(&self, chw: &[f32], (h, w): (usize, usize)) -> candle_core::Result<FrameScore> {
+    pub fn score_chw(
+        &self,
+        chw: &[f32],
+        (h, w): (usize, usize),
+    ) -> candle_core::Result<FrameScore> {
         let x = self.model.preprocess(chw, (h, w))?;
         let out = self.model.forward(&x)?;
         let score = out.score.flatten_all()?.to_vec1::<f32>()?[0];
         let (_, _, mh, mw) = out.anomaly_map.dims4()?;
         let stats = &self.meta.stats;
-        let values = out.anomaly_map.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| stats.normalize_pixel(v)).collect();
+        let values = out
+            .anomaly_map
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| stats.normalize_pixel(v))
+            .collect();
         Ok(FrameScore {
             score,
             normalized_score: stats.normalize_image(score),
-            heat: HeatMap { width: mw, height: mh, values },
+            heat: HeatMap {
+                width: mw,
+                height: mh,
+                values,
+            },
         })
     }
 

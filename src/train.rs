@@ -58,42 +58,76 @@ impl Default for TrainOptions {
 
 /// Lists the image files of a folder (not recursive), sorted by name.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read image folder {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read image folder {}", dir.display()))?;
     let mut files = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
         if path.is_file() && ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
             files.push(path);
         }
     }
     files.sort();
     if files.is_empty() {
-        bail!("no images ({}) found in {}", IMAGE_EXTENSIONS.join(", "), dir.display());
+        bail!(
+            "no images ({}) found in {}",
+            IMAGE_EXTENSIONS.join(", "),
+            dir.display()
+        );
     }
     Ok(files)
 }
 
 /// Reads the converted backbone weights and where they came from.
-fn read_backbone(path: &Path, config: &ModelConfig) -> Result<(HashMap<String, Tensor>, BackboneSource)> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read backbone weights {} (run scripts/setup.sh to create them)", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("backbone weights {} are not a valid safetensors file", path.display()))?;
+fn read_backbone(
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<(HashMap<String, Tensor>, BackboneSource)> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read backbone weights {} (run scripts/setup.sh to create them)",
+            path.display()
+        )
+    })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| {
+        format!(
+            "backbone weights {} are not a valid safetensors file",
+            path.display()
+        )
+    })?;
     let fields = header.metadata().clone().unwrap_or_default();
-    let name = fields.get("patchflow.backbone").cloned().unwrap_or_else(|| config.backbone.clone());
+    let name = fields
+        .get("patchflow.backbone")
+        .cloned()
+        .unwrap_or_else(|| config.backbone.clone());
     if name != config.backbone {
-        bail!("backbone weights {} are for {name}, but the model config asks for {}", path.display(), config.backbone);
+        bail!(
+            "backbone weights {} are for {name}, but the model config asks for {}",
+            path.display(),
+            config.backbone
+        );
     }
     let source = BackboneSource {
         name,
-        source: fields.get("patchflow.source").cloned().unwrap_or_else(|| path.display().to_string()),
-        sha256: fields.get("patchflow.source_sha256").cloned().unwrap_or_default(),
+        source: fields
+            .get("patchflow.source")
+            .cloned()
+            .unwrap_or_else(|| path.display().to_string()),
+        sha256: fields
+            .get("patchflow.source_sha256")
+            .cloned()
+            .unwrap_or_default(),
     };
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("cannot read tensors from {}", path.display()))?;
     // The classification head is not part of the feature extractor.
-    let is_head = |k: &str| k.starts_with("conv_head.") || k.starts_with("bn2.") || k.starts_with("classifier.");
+    let is_head = |k: &str| {
+        k.starts_with("conv_head.") || k.starts_with("bn2.") || k.starts_with("classifier.")
+    };
     let tensors = tensors
         .into_iter()
         .filter(|(k, _)| !is_head(k) && !k.ends_with("num_batches_tracked"))
@@ -104,12 +138,21 @@ fn read_backbone(path: &Path, config: &ModelConfig) -> Result<(HashMap<String, T
 
 /// Builds an untrained model: pretrained backbone, freshly initialised adaptor and flow,
 /// and placeholder statistics (threshold at the middle of [-1, 0]).
-pub fn init_model(config: &ModelConfig, backbone: &Path, seed: u64) -> Result<(PatchFlow, ModelMeta)> {
+pub fn init_model(
+    config: &ModelConfig,
+    backbone: &Path,
+    seed: u64,
+) -> Result<(PatchFlow, ModelMeta)> {
     init_model_on(config, backbone, seed, &Device::Cpu)
 }
 
 /// [`init_model`] on a chosen device.
-pub fn init_model_on(config: &ModelConfig, backbone: &Path, seed: u64, device: &Device) -> Result<(PatchFlow, ModelMeta)> {
+pub fn init_model_on(
+    config: &ModelConfig,
+    backbone: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(PatchFlow, ModelMeta)> {
     let (mut tensors, source) = read_backbone(backbone, config)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (name, t) in model::init_head_tensors(config, &mut rng, &Device::Cpu)? {
@@ -125,7 +168,12 @@ pub fn init_model_on(config: &ModelConfig, backbone: &Path, seed: u64, device: &
         pixel_min: -1.0,
         pixel_max: 0.0,
     };
-    let meta = ModelMeta { config: config.clone(), backbone: source, stats, training: None };
+    let meta = ModelMeta {
+        config: config.clone(),
+        backbone: source,
+        stats,
+        training: None,
+    };
     Ok((model, meta))
 }
 
@@ -151,7 +199,12 @@ impl Adam {
                 Ok((v, m, s))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { vars, lr, weight_decay, step: 0 })
+        Ok(Self {
+            vars,
+            lr,
+            weight_decay,
+            step: 0,
+        })
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
@@ -159,7 +212,9 @@ impl Adam {
         let c1 = 1.0 - Self::BETA1.powi(self.step);
         let c2 = 1.0 - Self::BETA2.powi(self.step);
         for (var, m, v) in self.vars.iter_mut() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let g = (g + var.as_tensor().affine(self.weight_decay, 0.0)?)?;
             *m = ((&*m * Self::BETA1)? + (&g * (1.0 - Self::BETA1))?)?;
             *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
@@ -172,7 +227,8 @@ impl Adam {
 
 /// Tensor names that training changes by gradient.
 fn is_trainable(name: &str) -> bool {
-    let head = name.starts_with(&format!("{}.", model::ADAPTOR_PREFIX)) || name.starts_with(&format!("{}.", model::FLOW_PREFIX));
+    let head = name.starts_with(&format!("{}.", model::ADAPTOR_PREFIX))
+        || name.starts_with(&format!("{}.", model::FLOW_PREFIX));
     head && !name.ends_with("w_perm") && !name.contains("running_")
 }
 
@@ -195,7 +251,14 @@ fn with_variables(model: PatchFlow) -> Result<(PatchFlow, Vec<Var>)> {
 }
 
 fn progress_bar(len: u64, enabled: bool, template: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(len), if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bar = ProgressBar::with_draw_target(
+        Some(len),
+        if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -209,21 +272,35 @@ pub fn load_input(model: &PatchFlow, path: &Path) -> Result<Tensor> {
 }
 
 /// Trains a model on good images and calibrates its statistics on a held-out share.
-pub fn train(config: &ModelConfig, backbone: &Path, images: &[PathBuf], opts: &TrainOptions, device: &Device) -> Result<(PatchFlow, ModelMeta)> {
+pub fn train(
+    config: &ModelConfig,
+    backbone: &Path,
+    images: &[PathBuf],
+    opts: &TrainOptions,
+    device: &Device,
+) -> Result<(PatchFlow, ModelMeta)> {
     if images.len() < 2 {
-        bail!("training needs at least 2 good images (one to train on, one to calibrate the threshold), got {}", images.len());
+        bail!(
+            "training needs at least 2 good images (one to train on, one to calibrate the threshold), got {}",
+            images.len()
+        );
     }
     let started = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<PathBuf> = images.to_vec();
     order.shuffle(&mut rng);
-    let holdout_n = ((images.len() as f64 * opts.holdout_fraction).round() as usize).clamp(1, images.len() - 1);
+    let holdout_n =
+        ((images.len() as f64 * opts.holdout_fraction).round() as usize).clamp(1, images.len() - 1);
     let (holdout, train_set) = order.split_at(holdout_n);
 
     let (model, mut meta) = init_model_on(config, backbone, opts.seed, device)?;
     let (model, vars) = with_variables(model)?;
 
-    let bar = progress_bar(train_set.len() as u64, opts.progress, "features {bar:30} {pos}/{len} {elapsed}");
+    let bar = progress_bar(
+        train_set.len() as u64,
+        opts.progress,
+        "features {bar:30} {pos}/{len} {elapsed}",
+    );
     let mut cache = Vec::with_capacity(train_set.len());
     for path in train_set {
         let x = load_input(&model, path)?;
@@ -231,12 +308,20 @@ pub fn train(config: &ModelConfig, backbone: &Path, images: &[PathBuf], opts: &T
         bar.inc(1);
     }
     bar.finish_and_clear();
-    tracing::info!(images = train_set.len(), seconds = started.elapsed().as_secs_f64(), "extracted training features");
+    tracing::info!(
+        images = train_set.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "extracted training features"
+    );
 
     let batch = opts.batch_size.max(1);
     let batches = train_set.len().div_ceil(batch);
     let mut adam = Adam::new(vars, opts.learning_rate, opts.weight_decay)?;
-    let bar = progress_bar((opts.epochs * batches) as u64, opts.progress, "train {bar:30} {pos}/{len} {msg} {elapsed}");
+    let bar = progress_bar(
+        (opts.epochs * batches) as u64,
+        opts.progress,
+        "train {bar:30} {pos}/{len} {msg} {elapsed}",
+    );
     let mut final_loss = f32::NAN;
     let mut indices: Vec<usize> = (0..cache.len()).collect();
     for epoch in 0..opts.epochs {
@@ -248,11 +333,18 @@ pub fn train(config: &ModelConfig, backbone: &Path, images: &[PathBuf], opts: &T
             let loss = flow::nll_loss(&z, &logdet)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
-                bail!("training diverged at epoch {}: loss is {value}; try a lower --lr", epoch + 1);
+                bail!(
+                    "training diverged at epoch {}: loss is {value}; try a lower --lr",
+                    epoch + 1
+                );
             }
             adam.step(&loss.backward()?)?;
             epoch_loss += value as f64 * chunk.len() as f64;
-            bar.set_message(format!("epoch {}/{} loss {value:.4}", epoch + 1, opts.epochs));
+            bar.set_message(format!(
+                "epoch {}/{} loss {value:.4}",
+                epoch + 1,
+                opts.epochs
+            ));
             bar.inc(1);
         }
         final_loss = (epoch_loss / cache.len() as f64) as f32;
@@ -305,7 +397,14 @@ pub fn calibrate(model: &PatchFlow, good: &[PathBuf], q: f64) -> Result<ScoreSta
     let threshold = quantile(&scores, q);
     let image_min = scores.iter().copied().fold(f32::INFINITY, f32::min);
     let image_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    Ok(ScoreStats { image_threshold: threshold, image_min, image_max, pixel_threshold: threshold, pixel_min, pixel_max })
+    Ok(ScoreStats {
+        image_threshold: threshold,
+        image_min,
+        image_max,
+        pixel_threshold: threshold,
+        pixel_min,
+        pixel_max,
+    })
 }
 
 #[cfg(test)]

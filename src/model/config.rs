@@ -24,12 +24,20 @@ pub struct Preprocess {
 impl Preprocess {
     /// Pre-processing for timm ImageNet backbones (ResNet, tf_efficientnet_b*).
     pub fn imagenet() -> Self {
-        Self { resize: ResizeMode::Antialias, mean: IMAGENET_MEAN, std: IMAGENET_STD }
+        Self {
+            resize: ResizeMode::Antialias,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
     }
 
     /// Pre-processing that the TF EfficientNet-Lite weights were trained with.
     pub fn lite() -> Self {
-        Self { resize: ResizeMode::Antialias, mean: [0.5; 3], std: [0.5; 3] }
+        Self {
+            resize: ResizeMode::Antialias,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
     }
 }
 
@@ -99,20 +107,30 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
         let [h, w] = self.input_size;
         if h < 8 || w < 8 {
-            return Err(format!("input_size {h}x{w} is too small: each side must be at least 8 pixels"));
+            return Err(format!(
+                "input_size {h}x{w} is too small: each side must be at least 8 pixels"
+            ));
         }
         if let Some([ch, cw]) = self.crop_size {
             if ch > h || cw > w {
-                return Err(format!("crop_size {ch}x{cw} is larger than input_size {h}x{w}"));
+                return Err(format!(
+                    "crop_size {ch}x{cw} is larger than input_size {h}x{w}"
+                ));
             }
         }
         // The flow works on the stride-8 grid of the (cropped) input, and every scale
         // needs at least one pixel.
         let [ih, iw] = self.internal_size();
         if ih < 8 || iw < 8 {
-            return Err(format!("crop_size {ih}x{iw} is too small: each side must be at least 8 pixels"));
+            return Err(format!(
+                "crop_size {ih}x{iw} is too small: each side must be at least 8 pixels"
+            ));
         }
-        if self.num_scales == 0 || self.num_scales > 8 || (ih >> (self.num_scales - 1)) == 0 || (iw >> (self.num_scales - 1)) == 0 {
+        if self.num_scales == 0
+            || self.num_scales > 8
+            || (ih >> (self.num_scales - 1)) == 0
+            || (iw >> (self.num_scales - 1)) == 0
+        {
             return Err(format!(
                 "num_scales {} does not fit {ih}x{iw}: use 1 to 8 scales, with the smallest scale at least 1 pixel",
                 self.num_scales
@@ -128,7 +146,10 @@ impl ModelConfig {
             ));
         }
         if self.preprocess.std.iter().any(|s| *s <= 0.0) {
-            return Err(format!("preprocess.std {:?} must be positive", self.preprocess.std));
+            return Err(format!(
+                "preprocess.std {:?} must be positive",
+                self.preprocess.std
+            ));
         }
         Ok(())
     }

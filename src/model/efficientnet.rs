@@ -41,7 +41,11 @@ pub struct EfficientNetConfig {
 /// timm's `make_divisible(v, 8)`: round to a multiple of 8, never more than 10% down.
 fn round_channels(channels: f64) -> usize {
     let rounded = (((channels + 4.0) as usize) / 8 * 8).max(8);
-    if (rounded as f64) < 0.9 * channels { rounded + 8 } else { rounded }
+    if (rounded as f64) < 0.9 * channels {
+        rounded + 8
+    } else {
+        rounded
+    }
 }
 
 impl EfficientNetConfig {
@@ -65,7 +69,15 @@ impl EfficientNetConfig {
             _ => return None,
         };
         // (repeats, kernel, stride, expand, channels) of the B0 baseline.
-        let base = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)];
+        let base = [
+            (1, 3, 1, 1, 16),
+            (2, 3, 2, 6, 24),
+            (2, 5, 2, 6, 40),
+            (3, 3, 2, 6, 80),
+            (3, 5, 1, 6, 112),
+            (4, 5, 2, 6, 192),
+            (1, 3, 1, 6, 320),
+        ];
         let last = base.len() - 1;
         let stages = base
             .iter()
@@ -73,17 +85,35 @@ impl EfficientNetConfig {
             .map(|(i, &(repeats, kernel, stride, expand, channels))| {
                 // The Lite variants keep the first and last stage at one block.
                 let fixed = lite && (i == 0 || i == last);
-                let repeats = if fixed { repeats } else { (repeats as f64 * depth).ceil() as usize };
-                Stage { repeats, kernel, stride, expand, out_channels: round_channels(channels as f64 * width), separable: i == 0 }
+                let repeats = if fixed {
+                    repeats
+                } else {
+                    (repeats as f64 * depth).ceil() as usize
+                };
+                Stage {
+                    repeats,
+                    kernel,
+                    stride,
+                    expand,
+                    out_channels: round_channels(channels as f64 * width),
+                    separable: i == 0,
+                }
             })
             .collect();
-        let (stem_channels, head_channels) =
-            if lite { (32, 1280) } else { (round_channels(32.0 * width), round_channels(1280.0 * width)) };
+        let (stem_channels, head_channels) = if lite {
+            (32, 1280)
+        } else {
+            (round_channels(32.0 * width), round_channels(1280.0 * width))
+        };
         Some(Self {
             name: name.to_string(),
             stem_channels,
             head_channels,
-            activation: if lite { Activation::Relu6 } else { Activation::Silu },
+            activation: if lite {
+                Activation::Relu6
+            } else {
+                Activation::Silu
+            },
             squeeze_excite: !lite,
             stages,
         })
@@ -98,13 +128,19 @@ impl EfficientNetConfig {
 
     /// Channels of the outputs of the given stages.
     pub fn stage_channels(&self, stages: &[usize]) -> Vec<usize> {
-        stages.iter().map(|&s| self.stages[s].out_channels).collect()
+        stages
+            .iter()
+            .map(|&s| self.stages[s].out_channels)
+            .collect()
     }
 
     /// Total stride (reduction) at the output of a stage: the stem halves, then each
     /// stage's stride multiplies.
     pub fn stage_reduction(&self, stage: usize) -> usize {
-        2 * self.stages[..=stage].iter().map(|s| s.stride).product::<usize>()
+        2 * self.stages[..=stage]
+            .iter()
+            .map(|s| s.stride)
+            .product::<usize>()
     }
 }
 
@@ -136,7 +172,8 @@ impl Module for SqueezeExcite {
         // (B, C, H, W) -> (B, C, 1, 1)
         let pooled = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
         let gate = pointwise(&pooled, &self.reduce_w, Some(&self.reduce_b))?.silu()?;
-        let gate = candle_nn::ops::sigmoid(&pointwise(&gate, &self.expand_w, Some(&self.expand_b))?)?;
+        let gate =
+            candle_nn::ops::sigmoid(&pointwise(&gate, &self.expand_w, Some(&self.expand_b))?)?;
         x.broadcast_mul(&gate)
     }
 }
@@ -151,7 +188,13 @@ struct Block {
 }
 
 impl Block {
-    fn load(w: &Weights, cfg: &EfficientNetConfig, stage: &Stage, in_c: usize, stride: usize) -> Result<Self, ModelError> {
+    fn load(
+        w: &Weights,
+        cfg: &EfficientNetConfig,
+        stage: &Stage,
+        in_c: usize,
+        stride: usize,
+    ) -> Result<Self, ModelError> {
         let act = cfg.activation;
         let out_c = stage.out_channels;
         let k = stage.kernel;
@@ -163,10 +206,21 @@ impl Block {
         } else {
             let conv = w.get("conv_pw.weight", &[mid, in_c, 1, 1])?;
             let bn = w.pp("bn1").batch_norm(mid, TF_BN_EPS)?;
-            (Some(ConvBn::fold(&conv, &bn, 1, 1, act)?), "bn2", "conv_pwl", "bn3")
+            (
+                Some(ConvBn::fold(&conv, &bn, 1, 1, act)?),
+                "bn2",
+                "conv_pwl",
+                "bn3",
+            )
         };
         let dw = w.get("conv_dw.weight", &[mid, 1, k, k])?;
-        let depthwise = ConvBn::fold(&dw, &w.pp(dw_bn).batch_norm(mid, TF_BN_EPS)?, stride, mid, act)?;
+        let depthwise = ConvBn::fold(
+            &dw,
+            &w.pp(dw_bn).batch_norm(mid, TF_BN_EPS)?,
+            stride,
+            mid,
+            act,
+        )?;
         let se = if cfg.squeeze_excite {
             let reduced = ((in_c as f64) * 0.25).round().max(1.0) as usize;
             Some(SqueezeExcite::load(&w.pp("se"), mid, reduced)?)
@@ -174,8 +228,20 @@ impl Block {
             None
         };
         let pw = w.get(&format!("{pw_name}.weight"), &[out_c, mid, 1, 1])?;
-        let project = ConvBn::fold(&pw, &w.pp(pw_bn).batch_norm(out_c, TF_BN_EPS)?, 1, 1, Activation::None)?;
-        Ok(Self { expand, depthwise, se, project, skip: stride == 1 && in_c == out_c })
+        let project = ConvBn::fold(
+            &pw,
+            &w.pp(pw_bn).batch_norm(out_c, TF_BN_EPS)?,
+            1,
+            1,
+            Activation::None,
+        )?;
+        Ok(Self {
+            expand,
+            depthwise,
+            se,
+            project,
+            skip: stride == 1 && in_c == out_c,
+        })
     }
 }
 
@@ -218,14 +284,26 @@ impl EfficientNet {
     pub fn load(w: &Weights, config: &EfficientNetConfig) -> Result<Self, ModelError> {
         let act = config.activation;
         let stem_w = w.get("conv_stem.weight", &[config.stem_channels, 3, 3, 3])?;
-        let stem = ConvBn::fold(&stem_w, &w.pp("bn1").batch_norm(config.stem_channels, TF_BN_EPS)?, 2, 1, act)?;
+        let stem = ConvBn::fold(
+            &stem_w,
+            &w.pp("bn1").batch_norm(config.stem_channels, TF_BN_EPS)?,
+            2,
+            1,
+            act,
+        )?;
         let mut in_c = config.stem_channels;
         let mut stages = Vec::with_capacity(config.stages.len());
         for (s, stage) in config.stages.iter().enumerate() {
             let mut blocks = Vec::with_capacity(stage.repeats);
             for b in 0..stage.repeats {
                 let stride = if b == 0 { stage.stride } else { 1 };
-                blocks.push(Block::load(&w.pp(format!("blocks.{s}.{b}")), config, stage, in_c, stride)?);
+                blocks.push(Block::load(
+                    &w.pp(format!("blocks.{s}.{b}")),
+                    config,
+                    stage,
+                    in_c,
+                    stride,
+                )?);
                 in_c = stage.out_channels;
             }
             stages.push(blocks);
@@ -236,11 +314,20 @@ impl EfficientNet {
             let conv = ConvBn::fold(&conv, &w.pp("bn2").batch_norm(hc, TF_BN_EPS)?, 1, 1, act)?;
             let classifier_w = w.get("classifier.weight", &[1000, hc])?;
             let classifier_b = w.get("classifier.bias", &[1000])?;
-            Some(Head { conv, classifier_w, classifier_b })
+            Some(Head {
+                conv,
+                classifier_w,
+                classifier_b,
+            })
         } else {
             None
         };
-        Ok(Self { config: config.clone(), stem, stages, head })
+        Ok(Self {
+            config: config.clone(),
+            stem,
+            stages,
+            head,
+        })
     }
 
     /// The architecture this network was built with.
@@ -268,13 +355,17 @@ impl EfficientNet {
     /// ImageNet logits (B, 1000); fails when the weights had no classification head.
     pub fn classify(&self, x: &Tensor) -> CandleResult<Tensor> {
         let Some(head) = &self.head else {
-            candle_core::bail!("the backbone weights have no classification head (conv_head/classifier)");
+            candle_core::bail!(
+                "the backbone weights have no classification head (conv_head/classifier)"
+            );
         };
         let last = self.stages.len() - 1;
         let h = self.features(x, &[last])?.remove(0);
         let h = head.conv.forward(&h)?;
         let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
-        pooled.matmul(&head.classifier_w.t()?)?.broadcast_add(&head.classifier_b)
+        pooled
+            .matmul(&head.classifier_w.t()?)?
+            .broadcast_add(&head.classifier_b)
     }
 }
 

@@ -81,7 +81,12 @@ pub fn permutation_from_matrix(name: &str, w: &Tensor) -> Result<Vec<usize>, Mod
     let mut perm = Vec::with_capacity(c);
     let mut seen = vec![false; c];
     for (i, row) in rows.iter().enumerate() {
-        let ones: Vec<usize> = row.iter().enumerate().filter(|(_, v)| **v == 1.0).map(|(j, _)| j).collect();
+        let ones: Vec<usize> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v == 1.0)
+            .map(|(j, _)| j)
+            .collect();
         let zeros = row.iter().filter(|v| **v == 0.0).count();
         if ones.len() != 1 || zeros != c - 1 || seen[ones[0]] {
             return Err(ModelError::InvalidField {
@@ -118,7 +123,9 @@ impl FlowBlock {
         for (i, &p) in perm_index.iter().enumerate() {
             inverse[p] = i;
         }
-        let to_index = |v: &[usize]| Tensor::from_vec(v.iter().map(|&i| i as u32).collect::<Vec<_>>(), c, &device);
+        let to_index = |v: &[usize]| {
+            Tensor::from_vec(v.iter().map(|&i| i as u32).collect::<Vec<_>>(), c, &device)
+        };
         Ok(Self {
             dims,
             conv0_w: w.get("subnet.0.weight", &[h, c1, 3, 3])?,
@@ -127,7 +134,10 @@ impl FlowBlock {
             conv1_b: w.get("subnet.1.bias", &[2 * c2])?,
             bn_w: w.get("subnet.2.weight", &[2 * c2])?,
             bn_b: w.get("subnet.2.bias", &[2 * c2])?,
-            running: Mutex::new((w.get("subnet.2.running_mean", &[2 * c2])?, w.get("subnet.2.running_var", &[2 * c2])?)),
+            running: Mutex::new((
+                w.get("subnet.2.running_mean", &[2 * c2])?,
+                w.get("subnet.2.running_var", &[2 * c2])?,
+            )),
             global_scale: w.get("global_scale", &[1, c, 1, 1])?,
             global_offset: w.get("global_offset", &[1, c, 1, 1])?,
             perm: to_index(&perm_index)?,
@@ -138,7 +148,10 @@ impl FlowBlock {
 
     /// Current BatchNorm running statistics (mean, variance).
     pub fn running_stats(&self) -> (Tensor, Tensor) {
-        self.running.lock().expect("running statistics lock poisoned").clone()
+        self.running
+            .lock()
+            .expect("running statistics lock poisoned")
+            .clone()
     }
 
     /// The channel permutation: output channel `i` is input channel `perm[i]`.
@@ -147,9 +160,17 @@ impl FlowBlock {
     }
 
     fn subnet(&self, x1: &Tensor, train: bool) -> CandleResult<Tensor> {
-        let h = x1.conv2d(&self.conv0_w, 1, 1, 1, 1)?.broadcast_add(&self.conv0_b.reshape((1, (), 1, 1))?)?;
-        let h = h.conv2d(&self.conv1_w, 1, 1, 1, 1)?.broadcast_add(&self.conv1_b.reshape((1, (), 1, 1))?)?;
-        let h = if train { self.batch_norm_train(&h)? } else { self.batch_norm_eval(&h)? };
+        let h = x1
+            .conv2d(&self.conv0_w, 1, 1, 1, 1)?
+            .broadcast_add(&self.conv0_b.reshape((1, (), 1, 1))?)?;
+        let h = h
+            .conv2d(&self.conv1_w, 1, 1, 1, 1)?
+            .broadcast_add(&self.conv1_b.reshape((1, (), 1, 1))?)?;
+        let h = if train {
+            self.batch_norm_train(&h)?
+        } else {
+            self.batch_norm_eval(&h)?
+        };
         // LeakyReLU with slope 0.2: max(x, 0.2 x).
         h.maximum(&h.affine(0.2, 0.0)?)
     }
@@ -158,7 +179,8 @@ impl FlowBlock {
         let (mean, var) = self.running_stats();
         let scale = (&self.bn_w / var.affine(1.0, BN_EPS)?.sqrt()?)?;
         let shift = (&self.bn_b - (&mean * &scale)?)?;
-        h.broadcast_mul(&scale.reshape((1, (), 1, 1))?)?.broadcast_add(&shift.reshape((1, (), 1, 1))?)
+        h.broadcast_mul(&scale.reshape((1, (), 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, (), 1, 1))?)
     }
 
     /// BatchNorm with batch statistics over (B, H, W); updates the running statistics
@@ -172,11 +194,19 @@ impl FlowBlock {
         let centred = flat.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(1)?;
         let normed = centred.broadcast_div(&var.affine(1.0, BN_EPS)?.sqrt()?)?;
-        let y = normed.broadcast_mul(&self.bn_w.reshape((c, 1))?)?.broadcast_add(&self.bn_b.reshape((c, 1))?)?;
+        let y = normed
+            .broadcast_mul(&self.bn_w.reshape((c, 1))?)?
+            .broadcast_add(&self.bn_b.reshape((c, 1))?)?;
         {
-            let mut running = self.running.lock().expect("running statistics lock poisoned");
+            let mut running = self
+                .running
+                .lock()
+                .expect("running statistics lock poisoned");
             let mean = mean.detach().flatten_all()?;
-            let unbiased = var.detach().flatten_all()?.affine(n / (n - 1.0).max(1.0), 0.0)?;
+            let unbiased = var
+                .detach()
+                .flatten_all()?
+                .affine(n / (n - 1.0).max(1.0), 0.0)?;
             let new_mean = ((&running.0 * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
             let new_var = ((&running.1 * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
             *running = (new_mean, new_var);
@@ -216,7 +246,10 @@ impl FlowBlock {
         let (_, _, h, w) = y.dims4()?;
         let (c1, c2) = (self.dims.passive(), self.dims.active());
         let g = global_scale_activation(&self.global_scale)?;
-        let u = y.index_select(&self.perm_inv, 1)?.broadcast_sub(&self.global_offset)?.broadcast_div(&g)?;
+        let u = y
+            .index_select(&self.perm_inv, 1)?
+            .broadcast_sub(&self.global_offset)?
+            .broadcast_div(&g)?;
         let x1 = u.narrow(1, 0, c1)?;
         let y2 = u.narrow(1, c1, c2)?;
         let (s, t) = self.scale_shift(&x1, false)?;
@@ -237,7 +270,9 @@ pub struct Flow {
 impl Flow {
     /// Loads `steps` blocks from `module_list.{k}` under `w`.
     pub fn load(w: &Weights, steps: usize, dims: BlockDims) -> Result<Self, ModelError> {
-        let blocks = (0..steps).map(|k| FlowBlock::load(&w.pp(format!("module_list.{k}")), dims)).collect::<Result<_, _>>()?;
+        let blocks = (0..steps)
+            .map(|k| FlowBlock::load(&w.pp(format!("module_list.{k}")), dims))
+            .collect::<Result<_, _>>()?;
         Ok(Self { blocks })
     }
 
@@ -298,23 +333,40 @@ pub fn init_block_tensors(
     Ok(vec![
         ("subnet.0.weight".into(), uniform(&[h, c1, 3, 3], c1 * 9)?),
         ("subnet.0.bias".into(), uniform(&[h], c1 * 9)?),
-        ("subnet.1.weight".into(), uniform(&[2 * c2, h, 3, 3], h * 9)?),
+        (
+            "subnet.1.weight".into(),
+            uniform(&[2 * c2, h, 3, 3], h * 9)?,
+        ),
         ("subnet.1.bias".into(), uniform(&[2 * c2], h * 9)?),
         ("subnet.2.weight".into(), full(1.0, &[2 * c2])?),
         ("subnet.2.bias".into(), full(0.0, &[2 * c2])?),
         ("subnet.2.running_mean".into(), full(0.0, &[2 * c2])?),
         ("subnet.2.running_var".into(), full(1.0, &[2 * c2])?),
-        ("global_scale".into(), full(GLOBAL_SCALE_INIT, &[1, c, 1, 1])?),
+        (
+            "global_scale".into(),
+            full(GLOBAL_SCALE_INIT, &[1, c, 1, 1])?,
+        ),
         ("global_offset".into(), full(0.0, &[1, c, 1, 1])?),
-        ("w_perm".into(), permutation_matrix(perm, device)?.to_dtype(dtype)?),
+        (
+            "w_perm".into(),
+            permutation_matrix(perm, device)?.to_dtype(dtype)?,
+        ),
     ])
 }
 
 /// A tensor drawn uniformly from `[-bound, bound)` with a caller-seeded generator, so
 /// that training runs are reproducible (candle's CPU generator cannot be seeded).
-pub fn uniform(rng: &mut impl rand::Rng, bound: f64, shape: &[usize], dtype: DType, device: &Device) -> CandleResult<Tensor> {
+pub fn uniform(
+    rng: &mut impl rand::Rng,
+    bound: f64,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> CandleResult<Tensor> {
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect();
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
 

@@ -61,9 +61,19 @@ impl PatchFlow {
         let adaptor = weights.pp(ADAPTOR_PREFIX);
         let adaptor_w = adaptor.get("weight", &[f, fused, 1, 1])?;
         let adaptor_b = adaptor.get("bias", &[f])?;
-        let dims = BlockDims { channels: f, hidden: config.flow_hidden_dim };
+        let dims = BlockDims {
+            channels: f,
+            hidden: config.flow_hidden_dim,
+        };
         let flow = Flow::load(&weights.pp(FLOW_PREFIX), config.flow_steps, dims)?;
-        Ok(Self { config: config.clone(), backbone, adaptor_w, adaptor_b, flow, weights: weights.clone() })
+        Ok(Self {
+            config: config.clone(),
+            backbone,
+            adaptor_w,
+            adaptor_b,
+            flow,
+            weights: weights.clone(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -90,7 +100,12 @@ impl PatchFlow {
 
     /// Every tensor of the model under its file name, with the current running statistics.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self.weights.tensors().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut out: Vec<(String, Tensor)> = self
+            .weights
+            .tensors()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (k, block) in self.flow.blocks.iter().enumerate() {
             let (mean, var) = block.running_stats();
             for (name, value) in [("running_mean", mean), ("running_var", var)] {
@@ -123,7 +138,11 @@ impl PatchFlow {
         let [h, w] = self.config.internal_size();
         let mut feats = Vec::with_capacity(3 * self.config.num_scales);
         for s in 0..self.config.num_scales {
-            let xs = if s == 0 { x.clone() } else { ops::resize(&x, (h >> s, w >> s), ResizeMode::Bilinear)? };
+            let xs = if s == 0 {
+                x.clone()
+            } else {
+                ops::resize(&x, (h >> s, w >> s), ResizeMode::Bilinear)?
+            };
             feats.extend(self.backbone.features(&xs, &FEATURE_STAGES)?);
         }
         Ok(feats)
@@ -134,7 +153,13 @@ impl PatchFlow {
         let grid = self.grid_size();
         let pooled = feats
             .iter()
-            .map(|f| ops::resize(&ops::avg_pool_same(f, self.config.patch_size)?, grid, ResizeMode::Bilinear))
+            .map(|f| {
+                ops::resize(
+                    &ops::avg_pool_same(f, self.config.patch_size)?,
+                    grid,
+                    ResizeMode::Bilinear,
+                )
+            })
             .collect::<CandleResult<Vec<_>>>()?;
         Tensor::cat(&pooled, 1)
     }
@@ -174,7 +199,10 @@ impl PatchFlow {
         let fused = self.embed(x)?;
         let (z, _) = self.flow_forward(&fused, false)?;
         let (map, score) = self.anomaly_map(&z)?;
-        Ok(Inference { anomaly_map: self.uncrop(&map)?, score })
+        Ok(Inference {
+            anomaly_map: self.uncrop(&map)?,
+            score,
+        })
     }
 
     fn crop(&self, x: &Tensor) -> CandleResult<Tensor> {
@@ -193,7 +221,9 @@ impl PatchFlow {
         }
         let pad = |t: &Tensor, dim: usize, before: usize, after: usize| -> CandleResult<Tensor> {
             let shifted = t.affine(1.0, 1.0)?;
-            shifted.pad_with_zeros(dim, before, after)?.affine(1.0, -1.0)
+            shifted
+                .pad_with_zeros(dim, before, after)?
+                .affine(1.0, -1.0)
         };
         let top = (ih - h) / 2;
         let left = (iw - w) / 2;
@@ -226,7 +256,11 @@ pub fn backbone_config(name: &str) -> Result<EfficientNetConfig, ModelError> {
 }
 
 fn fused_channels(config: &ModelConfig, backbone: &EfficientNetConfig) -> usize {
-    config.num_scales * backbone.stage_channels(&FEATURE_STAGES).iter().sum::<usize>()
+    config.num_scales
+        * backbone
+            .stage_channels(&FEATURE_STAGES)
+            .iter()
+            .sum::<usize>()
 }
 
 /// Untrained adaptor and flow tensors for `config`, named as [`PatchFlow::new`] expects.
@@ -241,10 +275,19 @@ pub fn init_head_tensors(
     let f = config.flow_feature_dim;
     let bound = 1.0 / (fused as f64).sqrt();
     let mut out = vec![
-        (format!("{ADAPTOR_PREFIX}.weight"), flow::uniform(rng, bound, &[f, fused, 1, 1], DType::F32, device)?),
-        (format!("{ADAPTOR_PREFIX}.bias"), flow::uniform(rng, bound, &[f], DType::F32, device)?),
+        (
+            format!("{ADAPTOR_PREFIX}.weight"),
+            flow::uniform(rng, bound, &[f, fused, 1, 1], DType::F32, device)?,
+        ),
+        (
+            format!("{ADAPTOR_PREFIX}.bias"),
+            flow::uniform(rng, bound, &[f], DType::F32, device)?,
+        ),
     ];
-    let dims = BlockDims { channels: f, hidden: config.flow_hidden_dim };
+    let dims = BlockDims {
+        channels: f,
+        hidden: config.flow_hidden_dim,
+    };
     for k in 0..config.flow_steps {
         let mut perm: Vec<usize> = (0..f).collect();
         rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), rng);

@@ -25,7 +25,8 @@ pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     if top + bottom + left + right == 0 {
         return Ok(x.clone());
     }
-    x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)
+    x.pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, left, right)
 }
 
 /// Element-wise activation applied after a convolution.
@@ -73,7 +74,13 @@ pub struct ConvBn {
 
 impl ConvBn {
     /// Builds the layer from a conv weight (O, I/groups, K, K) and BatchNorm parameters.
-    pub fn fold(conv: &Tensor, bn: &BatchNormParams, stride: usize, groups: usize, activation: Activation) -> Result<Self> {
+    pub fn fold(
+        conv: &Tensor,
+        bn: &BatchNormParams,
+        stride: usize,
+        groups: usize,
+        activation: Activation,
+    ) -> Result<Self> {
         let (out_c, _, kernel, _) = conv.dims4()?;
         let scale = (&bn.weight / (bn.running_var.affine(1.0, bn.eps)?.sqrt()?))?;
         let weight = conv.broadcast_mul(&scale.reshape((out_c, 1, 1, 1))?)?;
@@ -89,7 +96,15 @@ impl ConvBn {
         } else {
             None
         };
-        Ok(Self { weight, bias, kernel, stride, groups, activation, depthwise })
+        Ok(Self {
+            weight,
+            bias,
+            kernel,
+            stride,
+            groups,
+            activation,
+            depthwise,
+        })
     }
 }
 
@@ -157,43 +172,51 @@ impl CustomOp1 for DepthwiseCpu {
                 Some((start, end)) => &v[start..end],
                 None => candle_core::bail!("depthwise convolution needs a contiguous input"),
             },
-            other => candle_core::bail!("depthwise convolution supports f32 only, got {:?}", other.dtype()),
+            other => candle_core::bail!(
+                "depthwise convolution supports f32 only, got {:?}",
+                other.dtype()
+            ),
         };
         if c != self.bias.len() {
-            candle_core::bail!("depthwise convolution expects {} channels, got {c}", self.bias.len());
+            candle_core::bail!(
+                "depthwise convolution expects {} channels, got {c}",
+                self.bias.len()
+            );
         }
         let (k, s) = (self.kernel, self.stride);
         let (top, _) = same_padding(h, k, s);
         let (left, _) = same_padding(w, k, s);
         let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
         let mut out = vec![0f32; b * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, dst)| {
-            let ch = plane % c;
-            let input = &src[plane * h * w..(plane + 1) * h * w];
-            let kw = &self.weight[ch * k * k..(ch + 1) * k * k];
-            let bias = self.bias[ch];
-            for oy in 0..oh {
-                let iy0 = (oy * s) as isize - top as isize;
-                for ox in 0..ow {
-                    let ix0 = (ox * s) as isize - left as isize;
-                    let mut acc = bias;
-                    for ky in 0..k {
-                        let iy = iy0 + ky as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let row = &input[iy as usize * w..(iy as usize + 1) * w];
-                        for kx in 0..k {
-                            let ix = ix0 + kx as isize;
-                            if ix >= 0 && ix < w as isize {
-                                acc += row[ix as usize] * kw[ky * k + kx];
+        out.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let ch = plane % c;
+                let input = &src[plane * h * w..(plane + 1) * h * w];
+                let kw = &self.weight[ch * k * k..(ch + 1) * k * k];
+                let bias = self.bias[ch];
+                for oy in 0..oh {
+                    let iy0 = (oy * s) as isize - top as isize;
+                    for ox in 0..ow {
+                        let ix0 = (ox * s) as isize - left as isize;
+                        let mut acc = bias;
+                        for ky in 0..k {
+                            let iy = iy0 + ky as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            let row = &input[iy as usize * w..(iy as usize + 1) * w];
+                            for kx in 0..k {
+                                let ix = ix0 + kx as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    acc += row[ix as usize] * kw[ky * k + kx];
+                                }
                             }
                         }
+                        dst[oy * ow + ox] = self.activation.apply_scalar(acc);
                     }
-                    dst[oy * ow + ox] = self.activation.apply_scalar(acc);
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
 }
@@ -263,7 +286,11 @@ mod tests {
             let padded = pad_same(&x, k, 2)?;
             let w = Tensor::ones((2, 2, k, k), DType::F32, &dev)?;
             let y = padded.conv2d(&w, 0, 2, 1, 1)?;
-            assert_eq!(y.dims4()?, (1, 2, size.div_ceil(2), size.div_ceil(2)), "size {size} k {k}");
+            assert_eq!(
+                y.dims4()?,
+                (1, 2, size.div_ceil(2), size.div_ceil(2)),
+                "size {size} k {k}"
+            );
         }
         Ok(())
     }
@@ -287,7 +314,9 @@ mod tests {
             let layer = ConvBn::fold(&w, &bn_identity(4, &dev)?, s, 4, Activation::Relu6)?;
             assert!(layer.depthwise.is_some());
             let fast = layer.forward(&x)?;
-            let reference = pad_same(&x, k, s)?.conv2d(&w, 0, s, 1, 4)?.clamp(0f32, 6f32)?;
+            let reference = pad_same(&x, k, s)?
+                .conv2d(&w, 0, s, 1, 4)?
+                .clamp(0f32, 6f32)?;
             let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "size {size} k {k} s {s}: {diff}");
         }
@@ -301,7 +330,9 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (3, 5, 1, 1), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 3, &dev)?;
         let fast = pointwise(&x, &w, Some(&b))?;
-        let reference = x.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+        let reference = x
+            .conv2d(&w, 0, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
         let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         Ok(())

@@ -12,18 +12,29 @@ use candle_core::{DType, Device, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read model file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("model file {path} is not a valid safetensors file ({reason}); it may be truncated or corrupt: re-create it with `patchflow train`")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "model file {path} is not a valid safetensors file ({reason}); it may be truncated or corrupt: re-create it with `patchflow train`"
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error("tensor {name} is missing from the weights")]
     MissingTensor { name: String },
     #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("metadata field {field} is missing from the model file")]
     MissingField { field: String },
     #[error("metadata field {field} is invalid: {reason}")]
     InvalidField { field: String, reason: String },
-    #[error("model file format version {found} is not supported (this build reads version {supported}); re-create the file with this version of patchflow")]
+    #[error(
+        "model file format version {found} is not supported (this build reads version {supported}); re-create the file with this version of patchflow"
+    )]
     UnsupportedVersion { found: String, supported: String },
     #[error("unknown backbone {name:?}; supported: {supported}")]
     UnknownBackbone { name: String, supported: String },
@@ -43,24 +54,46 @@ pub struct Weights {
 impl Weights {
     /// Moves every tensor to `device`, converting floating-point tensors to `dtype`
     /// (integer tensors are kept as they are).
-    pub fn new(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
         let mut moved = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
-            let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
             moved.insert(name, t.to_device(device)?);
         }
-        Ok(Self { tensors: Arc::new(moved), prefix: String::new() })
+        Ok(Self {
+            tensors: Arc::new(moved),
+            prefix: String::new(),
+        })
     }
 
     /// A view whose names are prefixed with `name.`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { tensors: self.tensors.clone(), prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            tensors: self.tensors.clone(),
+            prefix,
+        }
     }
 
     /// The full tensor name of `name` under this view.
     pub fn full_name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Whether a tensor exists under this view.
@@ -71,15 +104,26 @@ impl Weights {
     /// Fetches a tensor and checks its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let full = self.full_name(name);
-        let t = self.tensors.get(&full).ok_or_else(|| ModelError::MissingTensor { name: full.clone() })?;
+        let t = self
+            .tensors
+            .get(&full)
+            .ok_or_else(|| ModelError::MissingTensor { name: full.clone() })?;
         if t.dims() != shape {
-            return Err(ModelError::ShapeMismatch { name: full, expected: shape.to_vec(), actual: t.dims().to_vec() });
+            return Err(ModelError::ShapeMismatch {
+                name: full,
+                expected: shape.to_vec(),
+                actual: t.dims().to_vec(),
+            });
         }
         Ok(t.clone())
     }
 
     /// Fetches the four BatchNorm tensors `weight`, `bias`, `running_mean`, `running_var`.
-    pub fn batch_norm(&self, channels: usize, eps: f64) -> Result<super::ops::BatchNormParams, ModelError> {
+    pub fn batch_norm(
+        &self,
+        channels: usize,
+        eps: f64,
+    ) -> Result<super::ops::BatchNormParams, ModelError> {
         Ok(super::ops::BatchNormParams {
             weight: self.get("weight", &[channels])?,
             bias: self.get("bias", &[channels])?,
