@@ -10,6 +10,7 @@
 //! is its maximum.
 
 pub mod config;
+mod cpu;
 pub mod efficientnet;
 pub mod flow;
 pub mod ops;

@@ -3,10 +3,9 @@
 //! depthwise convolution, 1x1 convolution as a matrix product, bilinear resize with
 //! half-pixel centres and zero-padded average pooling.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{DType, Module, Result, Tensor};
 
+use super::cpu;
 use crate::imageops::{ResizeMode, resize_matrix};
 
 /// Padding (before, after) that TensorFlow's "SAME" mode adds to one axis: the output
@@ -38,7 +37,8 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply_scalar(self, v: f32) -> f32 {
+    /// Applies the activation to one value.
+    pub fn apply_scalar(self, v: f32) -> f32 {
         match self {
             Activation::None => v,
             Activation::Relu6 => v.clamp(0.0, 6.0),
@@ -69,7 +69,15 @@ pub struct ConvBn {
     stride: usize,
     groups: usize,
     activation: Activation,
-    depthwise: Option<DepthwiseCpu>,
+    cpu: Option<CpuConv>,
+}
+
+/// The CPU kernels of a [`ConvBn`], with the folded weights copied out of the tensors.
+#[derive(Debug, Clone)]
+enum CpuConv {
+    Depthwise(cpu::DepthwiseSame),
+    /// 1x1 or full convolution as a matrix product, then a fused bias and activation.
+    Gemm(cpu::BiasActivation),
 }
 
 impl ConvBn {
@@ -85,14 +93,19 @@ impl ConvBn {
         let scale = (&bn.weight / (bn.running_var.affine(1.0, bn.eps)?.sqrt()?))?;
         let weight = conv.broadcast_mul(&scale.reshape((out_c, 1, 1, 1))?)?;
         let bias = (&bn.bias - (&bn.running_mean * &scale)?)?;
-        let depthwise = if groups > 1 && groups == out_c && conv.device().is_cpu() {
-            Some(DepthwiseCpu {
+        let cpu = if !conv.device().is_cpu() || conv.dtype() != DType::F32 {
+            None
+        } else if groups > 1 && groups == out_c {
+            Some(CpuConv::Depthwise(cpu::DepthwiseSame {
                 weight: weight.flatten_all()?.to_vec1::<f32>()?,
                 bias: bias.to_vec1::<f32>()?,
                 kernel,
                 stride,
                 activation,
-            })
+            }))
+        } else if groups == 1 {
+            let bias = bias.to_vec1::<f32>()?;
+            Some(CpuConv::Gemm(cpu::BiasActivation { bias, activation }))
         } else {
             None
         };
@@ -103,15 +116,34 @@ impl ConvBn {
             stride,
             groups,
             activation,
-            depthwise,
+            cpu,
         })
     }
 }
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(op) = &self.depthwise {
-            return x.contiguous()?.apply_op1_no_bwd(op);
+        match &self.cpu {
+            Some(CpuConv::Depthwise(op)) => return x.contiguous()?.apply_op1_no_bwd(op),
+            Some(CpuConv::Gemm(op)) => {
+                let (b, c, h, w) = x.dims4()?;
+                let out_c = self.weight.dim(0)?;
+                // (B, C*K*K, OH*OW) columns, then (O, C*K*K) x columns.
+                let (cols, oh, ow) = if self.kernel == 1 && self.stride == 1 {
+                    (x.reshape((b, c, h * w))?, h, w)
+                } else {
+                    let op = cpu::Im2ColSame {
+                        kernel: self.kernel,
+                        stride: self.stride,
+                    };
+                    let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
+                    (cols, h.div_ceil(self.stride), w.div_ceil(self.stride))
+                };
+                let w2 = self.weight.reshape((out_c, ()))?;
+                let y = w2.broadcast_matmul(&cols)?.reshape((b, out_c, oh, ow))?;
+                return y.apply_op1_no_bwd(op);
+            }
+            None => {}
         }
         let y = if self.kernel == 1 && self.stride == 1 && self.groups == 1 {
             pointwise(x, &self.weight, Some(&self.bias))?
@@ -146,79 +178,6 @@ pub fn pointwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<T
         None => y,
     };
     y.reshape((b, out_c, h, w))
-}
-
-/// Depthwise "SAME" convolution with bias and activation, computed directly on the CPU.
-/// candle's grouped convolution runs one small convolution per channel, which is far
-/// slower for the hundreds of channels of an EfficientNet block.
-#[derive(Debug, Clone)]
-struct DepthwiseCpu {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    kernel: usize,
-    stride: usize,
-    activation: Activation,
-}
-
-impl CustomOp1 for DepthwiseCpu {
-    fn name(&self) -> &'static str {
-        "depthwise-conv-same"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let src = match storage {
-            CpuStorage::F32(v) => match layout.contiguous_offsets() {
-                Some((start, end)) => &v[start..end],
-                None => candle_core::bail!("depthwise convolution needs a contiguous input"),
-            },
-            other => candle_core::bail!(
-                "depthwise convolution supports f32 only, got {:?}",
-                other.dtype()
-            ),
-        };
-        if c != self.bias.len() {
-            candle_core::bail!(
-                "depthwise convolution expects {} channels, got {c}",
-                self.bias.len()
-            );
-        }
-        let (k, s) = (self.kernel, self.stride);
-        let (top, _) = same_padding(h, k, s);
-        let (left, _) = same_padding(w, k, s);
-        let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
-        let mut out = vec![0f32; b * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each(|(plane, dst)| {
-                let ch = plane % c;
-                let input = &src[plane * h * w..(plane + 1) * h * w];
-                let kw = &self.weight[ch * k * k..(ch + 1) * k * k];
-                let bias = self.bias[ch];
-                for oy in 0..oh {
-                    let iy0 = (oy * s) as isize - top as isize;
-                    for ox in 0..ow {
-                        let ix0 = (ox * s) as isize - left as isize;
-                        let mut acc = bias;
-                        for ky in 0..k {
-                            let iy = iy0 + ky as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let row = &input[iy as usize * w..(iy as usize + 1) * w];
-                            for kx in 0..k {
-                                let ix = ix0 + kx as isize;
-                                if ix >= 0 && ix < w as isize {
-                                    acc += row[ix as usize] * kw[ky * k + kx];
-                                }
-                            }
-                        }
-                        dst[oy * ow + ox] = self.activation.apply_scalar(acc);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
-    }
 }
 
 /// Resizes the two spatial axes of an NCHW tensor, as `F.interpolate(mode="bilinear",
@@ -312,13 +271,29 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, 4, size, size), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (4, 1, k, k), &dev)?;
             let layer = ConvBn::fold(&w, &bn_identity(4, &dev)?, s, 4, Activation::Relu6)?;
-            assert!(layer.depthwise.is_some());
+            assert!(matches!(layer.cpu, Some(CpuConv::Depthwise(_))));
             let fast = layer.forward(&x)?;
             let reference = pad_same(&x, k, s)?
                 .conv2d(&w, 0, s, 1, 4)?
                 .clamp(0f32, 6f32)?;
             let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "size {size} k {k} s {s}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn strided_conv_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (size, k, s) in [(16usize, 3usize, 2usize), (15, 3, 2), (9, 3, 1), (12, 1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, size, size + 1), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (5, 3, k, k), &dev)?;
+            let layer = ConvBn::fold(&w, &bn_identity(5, &dev)?, s, 1, Activation::Silu)?;
+            assert!(matches!(layer.cpu, Some(CpuConv::Gemm(_))));
+            let fast = layer.forward(&x)?;
+            let reference = pad_same(&x, k, s)?.conv2d(&w, 0, s, 1, 1)?.silu()?;
+            let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "size {size} k {k} s {s}: {diff}");
         }
         Ok(())
     }
