@@ -320,12 +320,12 @@ impl LineConfig {
                 p.push(format!("mqtt.qos {}: must be 0, 1 or 2", mqtt.qos));
             }
         }
-        if let SinkConfig::File { location } = &self.sink {
-            if !(location.ends_with(".avi") || location.ends_with(".mkv")) {
-                p.push(format!(
-                    "sink.location {location:?}: expected an .avi or .mkv file"
-                ));
-            }
+        if let SinkConfig::File { location } = &self.sink
+            && !(location.ends_with(".avi") || location.ends_with(".mkv"))
+        {
+            p.push(format!(
+                "sink.location {location:?}: expected an .avi or .mkv file"
+            ));
         }
         p
     }

@@ -41,7 +41,7 @@ enum Command {
         output: PathBuf,
     },
     /// Train a model on a folder of good images and write a model file.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score image files: one JSON line per image, and overlay PNGs with --output-dir.
     Predict {
         /// Model file written by `patchflow train`.

@@ -22,14 +22,22 @@ fn input(name: &str) -> Tensor {
     let mut data = resize_planes(&chw, 3, (h, w), (224, 224), ResizeMode::Antialias);
     let p = Preprocess::lite();
     for (c, plane) in data.chunks_exact_mut(224 * 224).enumerate() {
-        plane.iter_mut().for_each(|v| *v = (*v - p.mean[c]) / p.std[c]);
+        plane
+            .iter_mut()
+            .for_each(|v| *v = (*v - p.mean[c]) / p.std[c]);
     }
     Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu).unwrap()
 }
 
 fn top1(net: &EfficientNet, name: &str) -> u32 {
     let logits = net.classify(&input(name)).unwrap();
-    logits.argmax(D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()[0]
+    logits
+        .argmax(D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()[0]
 }
 
 #[test]
@@ -50,7 +58,10 @@ fn feature_taps_have_timm_shapes() {
     let x = Tensor::zeros((2, 3, 256, 256), DType::F32, &Device::Cpu).unwrap();
     let feats = net.features(&x, &FEATURE_STAGES).unwrap();
     let shapes: Vec<_> = feats.iter().map(|f| f.dims4().unwrap()).collect();
-    assert_eq!(shapes, vec![(2, 40, 32, 32), (2, 112, 16, 16), (2, 320, 8, 8)]);
+    assert_eq!(
+        shapes,
+        vec![(2, 40, 32, 32), (2, 112, 16, 16), (2, 320, 8, 8)]
+    );
 }
 
 #[test]
@@ -60,5 +71,8 @@ fn odd_input_uses_ceil_sizes() {
     let x = Tensor::zeros((1, 3, 200, 130), DType::F32, &Device::Cpu).unwrap();
     let feats = net.features(&x, &FEATURE_STAGES).unwrap();
     let shapes: Vec<_> = feats.iter().map(|f| f.dims4().unwrap()).collect();
-    assert_eq!(shapes, vec![(1, 40, 25, 17), (1, 112, 13, 9), (1, 320, 7, 5)]);
+    assert_eq!(
+        shapes,
+        vec![(1, 40, 25, 17), (1, 112, 13, 9), (1, 320, 7, 5)]
+    );
 }

@@ -10,7 +10,10 @@ use patchflow::model::Weights;
 use patchflow::model::flow::{BlockDims, Flow, init_block_tensors, nll_loss, uniform};
 use rand::SeedableRng;
 
-const DIMS: BlockDims = BlockDims { channels: 5, hidden: 3 };
+const DIMS: BlockDims = BlockDims {
+    channels: 5,
+    hidden: 3,
+};
 const H: usize = 2;
 const W: usize = 3;
 
@@ -23,12 +26,18 @@ fn test_flow() -> Flow {
     for (k, perm) in [[3usize, 0, 4, 1, 2], [1, 2, 0, 4, 3]].iter().enumerate() {
         for (name, t) in init_block_tensors(DIMS, perm, &mut rng, DType::F64, &dev).unwrap() {
             let t = match name.as_str() {
-                "global_scale" => uniform(&mut rng, 3.0, &[1, 5, 1, 1], DType::F64, &dev).unwrap().affine(1.0, 8.0).unwrap(),
+                "global_scale" => uniform(&mut rng, 3.0, &[1, 5, 1, 1], DType::F64, &dev)
+                    .unwrap()
+                    .affine(1.0, 8.0)
+                    .unwrap(),
                 "global_offset" | "subnet.2.bias" | "subnet.2.running_mean" => {
                     uniform(&mut rng, 0.5, t.dims(), DType::F64, &dev).unwrap()
                 }
                 "subnet.2.running_var" | "subnet.2.weight" => {
-                    uniform(&mut rng, 0.5, t.dims(), DType::F64, &dev).unwrap().affine(1.0, 1.0).unwrap()
+                    uniform(&mut rng, 0.5, t.dims(), DType::F64, &dev)
+                        .unwrap()
+                        .affine(1.0, 1.0)
+                        .unwrap()
                 }
                 "w_perm" => t,
                 _ => t.affine(3.0, 0.0).unwrap(),
@@ -42,7 +51,14 @@ fn test_flow() -> Flow {
 
 fn input(batch: usize, seed: u64) -> Tensor {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    uniform(&mut rng, 2.0, &[batch, DIMS.channels, H, W], DType::F64, &Device::Cpu).unwrap()
+    uniform(
+        &mut rng,
+        2.0,
+        &[batch, DIMS.channels, H, W],
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn to_vec(t: &Tensor) -> Vec<f64> {
@@ -54,15 +70,18 @@ fn log_abs_det(mut a: Vec<Vec<f64>>) -> f64 {
     let n = a.len();
     let mut total = 0.0;
     for col in 0..n {
-        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())).unwrap();
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+            .unwrap();
         a.swap(col, pivot);
         let p = a[col][col];
         assert!(p != 0.0, "singular Jacobian");
         total += p.abs().ln();
-        for row in col + 1..n {
-            let f = a[row][col] / p;
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+        let pivot_row = a[col].clone();
+        for row in a.iter_mut().skip(col + 1) {
+            let f = row[col] / p;
+            for (x, pv) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *x -= f * pv;
             }
         }
     }
@@ -75,7 +94,9 @@ fn inverse_undoes_forward() {
     let x = input(2, 1);
     let (z, logdet) = flow.forward(&x, false).unwrap();
     let (back, inv_logdet) = flow.inverse(&z).unwrap();
-    let err = to_vec(&(back - &x).unwrap()).iter().fold(0f64, |m, v| m.max(v.abs()));
+    let err = to_vec(&(back - &x).unwrap())
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs()));
     assert!(err < 1e-12, "reconstruction error {err}");
     for (a, b) in to_vec(&logdet).iter().zip(to_vec(&inv_logdet)) {
         assert!((a + b).abs() < 1e-12, "forward {a} vs inverse {b}");
@@ -104,7 +125,10 @@ fn logdet_matches_numerical_jacobian() {
     }
     let numeric = log_abs_det(jac);
     let analytic = to_vec(&flow.forward(&x, false).unwrap().1)[0];
-    assert!((numeric - analytic).abs() < 1e-6, "numerical {numeric} vs analytic {analytic}");
+    assert!(
+        (numeric - analytic).abs() < 1e-6,
+        "numerical {numeric} vs analytic {analytic}"
+    );
 }
 
 #[test]

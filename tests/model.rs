@@ -15,7 +15,10 @@ use patchflow::scoring::Scorer;
 use patchflow::train::{self, TrainOptions};
 
 fn small_config() -> ModelConfig {
-    ModelConfig { input_size: [64, 64], ..ModelConfig::lite0() }
+    ModelConfig {
+        input_size: [64, 64],
+        ..ModelConfig::lite0()
+    }
 }
 
 fn saved_model(dir: &Path) -> PathBuf {
@@ -26,7 +29,11 @@ fn saved_model(dir: &Path) -> PathBuf {
 }
 
 /// Rewrites a model file with changed tensors or metadata.
-fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut HashMap<String, String>)) {
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>, &mut HashMap<String, String>),
+) {
     let bytes = std::fs::read(src).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta = header.metadata().clone().unwrap();
@@ -48,22 +55,41 @@ fn forward_shapes() {
     let out = model.forward(&x).unwrap();
     assert_eq!(out.anomaly_map.dims4().unwrap(), (2, 1, 64, 64));
     assert_eq!(out.score.dims(), &[2]);
-    let values = out.anomaly_map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let values = out
+        .anomaly_map
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(values.iter().all(|v| (-1.0..=0.0).contains(v)));
 }
 
 #[test]
 fn crop_pads_map_with_minus_one() {
-    let cfg = ModelConfig { input_size: [80, 80], crop_size: Some([64, 64]), ..ModelConfig::lite0() };
+    let cfg = ModelConfig {
+        input_size: [80, 80],
+        crop_size: Some([64, 64]),
+        ..ModelConfig::lite0()
+    };
     let (model, _) = train::init_model(&cfg, &common::backbone_path(), 0).unwrap();
     let x = Tensor::zeros((1, 3, 80, 80), DType::F32, &Device::Cpu).unwrap();
     let out = model.forward(&x).unwrap();
-    let map = out.anomaly_map.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let map = out
+        .anomaly_map
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!((map.len(), map[0].len()), (80, 80));
     assert_eq!(map[0][0], -1.0);
     assert_eq!(map[7][40], -1.0);
     assert_eq!(map[40][79], -1.0);
-    assert!(map[8][8] > -1.0 && map[71][71] > -1.0, "the cropped centre is scored");
+    assert!(
+        map[8][8] > -1.0 && map[71][71] > -1.0,
+        "the cropped centre is scored"
+    );
 }
 
 #[test]
@@ -78,12 +104,21 @@ fn model_file_round_trip() {
     let after: HashMap<_, _> = loaded.tensors().into_iter().collect();
     assert_eq!(before.len(), after.len());
     for (name, t) in &before {
-        let diff = (t - &after[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name} changed");
     }
     let (chw, h, w) = load_rgb_chw(&common::image("gravel.png")).unwrap();
     let a = Scorer::new(model, meta).score_chw(&chw, (h, w)).unwrap();
-    let b = Scorer::new(loaded, loaded_meta).score_chw(&chw, (h, w)).unwrap();
+    let b = Scorer::new(loaded, loaded_meta)
+        .score_chw(&chw, (h, w))
+        .unwrap();
     assert_eq!(a.score, b.score);
     assert_eq!(a.heat, b.heat);
 }
@@ -124,7 +159,10 @@ fn missing_tensor_is_named() {
         t.remove("flow.module_list.0.subnet.1.bias");
     });
     let err = load_err(&edited);
-    assert!(err.to_string().contains("flow.module_list.0.subnet.1.bias"), "{err}");
+    assert!(
+        err.to_string().contains("flow.module_list.0.subnet.1.bias"),
+        "{err}"
+    );
     assert!(matches!(err, ModelError::MissingTensor { .. }));
 }
 
@@ -134,10 +172,17 @@ fn wrong_shape_is_named() {
     let path = saved_model(dir.path());
     let edited = dir.path().join("edited.safetensors");
     rewrite(&path, &edited, |t, _| {
-        t.insert("feature_adaptor.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "feature_adaptor.bias".into(),
+            Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = load_err(&edited);
-    assert!(err.to_string().contains("feature_adaptor.bias has shape [7], expected [128]"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("feature_adaptor.bias has shape [7], expected [128]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -149,7 +194,10 @@ fn unknown_version_is_rejected() {
         m.insert("patchflow.format_version".into(), "99".into());
     });
     let err = load_err(&edited);
-    assert!(matches!(err, ModelError::UnsupportedVersion { .. }), "{err:?}");
+    assert!(
+        matches!(err, ModelError::UnsupportedVersion { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("version 99"), "{err}");
 }
 
@@ -161,12 +209,19 @@ fn missing_and_invalid_fields_are_named() {
     rewrite(&path, &edited, |_, m| {
         m.remove("patchflow.stats");
     });
-    assert!(load_err(&edited).to_string().contains("patchflow.stats is missing"));
+    assert!(
+        load_err(&edited)
+            .to_string()
+            .contains("patchflow.stats is missing")
+    );
     rewrite(&path, &edited, |_, m| {
         m.insert("patchflow.config".into(), "{\"backbone\": 3}".into());
     });
     let err = load_err(&edited);
-    assert!(matches!(err, ModelError::InvalidField { ref field, .. } if field == "patchflow.config"), "{err:?}");
+    assert!(
+        matches!(err, ModelError::InvalidField { ref field, .. } if field == "patchflow.config"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -175,10 +230,16 @@ fn broken_permutation_is_rejected() {
     let path = saved_model(dir.path());
     let edited = dir.path().join("edited.safetensors");
     rewrite(&path, &edited, |t, _| {
-        t.insert("flow.module_list.0.w_perm".into(), Tensor::ones((128, 128, 1, 1), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "flow.module_list.0.w_perm".into(),
+            Tensor::ones((128, 128, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = load_err(&edited);
-    assert!(err.to_string().contains("flow.module_list.0.w_perm"), "{err}");
+    assert!(
+        err.to_string().contains("flow.module_list.0.w_perm"),
+        "{err}"
+    );
 }
 
 /// Writes `count` 96x96 crops of a committed texture into `dir`.
@@ -200,14 +261,23 @@ fn training_lowers_the_loss_and_calibrates() {
     let dir = tempfile::tempdir().unwrap();
     let images = texture_crops("brick.png", dir.path(), 10);
     let cfg = small_config();
-    let opts = TrainOptions { epochs: 4, batch_size: 4, progress: false, ..TrainOptions::default() };
+    let opts = TrainOptions {
+        epochs: 4,
+        batch_size: 4,
+        progress: false,
+        ..TrainOptions::default()
+    };
     let (untrained, _) = train::init_model(&cfg, &common::backbone_path(), opts.seed).unwrap();
-    let (trained, meta) = train::train(&cfg, &common::backbone_path(), &images, &opts, &Device::Cpu).unwrap();
+    let (trained, meta) =
+        train::train(&cfg, &common::backbone_path(), &images, &opts, &Device::Cpu).unwrap();
 
     let loss = |m: &patchflow::model::PatchFlow| {
         let x = train::load_input(m, &images[0]).unwrap();
         let (z, logdet) = m.flow_forward(&m.embed(&x).unwrap(), false).unwrap();
-        patchflow::model::flow::nll_loss(&z, &logdet).unwrap().to_scalar::<f32>().unwrap()
+        patchflow::model::flow::nll_loss(&z, &logdet)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     };
     let (before, after) = (loss(&untrained), loss(&trained));
     assert!(after < before, "loss {before} -> {after}");
@@ -216,11 +286,17 @@ fn training_lowers_the_loss_and_calibrates() {
     assert_eq!(info.train_images + info.holdout_images, 10);
     assert_eq!(info.holdout_images, 2);
     let s = meta.stats;
-    assert!(s.image_min <= s.image_threshold && s.image_threshold <= s.image_max, "{s:?}");
+    assert!(
+        s.image_min <= s.image_threshold && s.image_threshold <= s.image_max,
+        "{s:?}"
+    );
     assert!(s.pixel_min <= s.pixel_max);
 
     let path = dir.path().join("trained.safetensors");
     checkpoint::save(&path, &trained, &meta).unwrap();
     let (reloaded, _) = checkpoint::load(&path, &Device::Cpu).unwrap();
-    assert!((loss(&reloaded) - after).abs() < 1e-6, "running statistics are saved");
+    assert!(
+        (loss(&reloaded) - after).abs() < 1e-6,
+        "running statistics are saved"
+    );
 }

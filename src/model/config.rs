@@ -111,12 +111,12 @@ impl ModelConfig {
                 "input_size {h}x{w} is too small: each side must be at least 8 pixels"
             ));
         }
-        if let Some([ch, cw]) = self.crop_size {
-            if ch > h || cw > w {
-                return Err(format!(
-                    "crop_size {ch}x{cw} is larger than input_size {h}x{w}"
-                ));
-            }
+        if let Some([ch, cw]) = self.crop_size
+            && (ch > h || cw > w)
+        {
+            return Err(format!(
+                "crop_size {ch}x{cw} is larger than input_size {h}x{w}"
+            ));
         }
         // The flow works on the stride-8 grid of the (cropped) input, and every scale
         // needs at least one pixel.
