@@ -1,0 +1,868 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Implementation of `patchflowscore`: properties, the lifetime of the model and the MQTT
+//! publisher (created in `start()`, dropped in `stop()`) and the per-frame work.
+//!
+//! The model math lives in the `patchflow` library. This file only moves frames in and
+//! results out.
+
+use std::path::PathBuf;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::subclass::prelude::*;
+use gst_video::prelude::*;
+use gst_video::subclass::prelude::*;
+use patchflow::imageops::{PackedFrame, PixelLayout, blend_heatmap};
+use patchflow::mqtt::{MqttSettings, Publisher, frame_message};
+use patchflow::scoring::Scorer;
+
+use super::Colormap;
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "patchflowscore",
+        gst::DebugColorFlags::empty(),
+        Some("PatchFlow anomaly scoring"),
+    )
+});
+
+const DEFAULT_DEVICE: &str = "cpu";
+const DEFAULT_THRESHOLD: f64 = 0.5;
+const DEFAULT_OVERLAY: bool = true;
+const DEFAULT_ALPHA: f64 = 0.5;
+const DEFAULT_COLORMAP: Colormap = Colormap::Jet;
+const DEFAULT_MQTT_URL: &str = "";
+const DEFAULT_MQTT_QOS: u32 = 0;
+
+/// Time that `stop()` gives the MQTT publisher to send what is queued and disconnect.
+const MQTT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Dropped MQTT messages are logged at warning level for the first one and then every
+/// this many, so that a long broker outage does not flood the log.
+const MQTT_DROP_LOG_INTERVAL: u64 = 100;
+
+/// Packed 8-bit RGB formats, which the scorer reads and the overlay writes in place.
+const FORMATS: [gst_video::VideoFormat; 10] = [
+    gst_video::VideoFormat::Rgb,
+    gst_video::VideoFormat::Bgr,
+    gst_video::VideoFormat::Rgbx,
+    gst_video::VideoFormat::Bgrx,
+    gst_video::VideoFormat::Xrgb,
+    gst_video::VideoFormat::Xbgr,
+    gst_video::VideoFormat::Rgba,
+    gst_video::VideoFormat::Bgra,
+    gst_video::VideoFormat::Argb,
+    gst_video::VideoFormat::Abgr,
+];
+
+#[derive(Debug, Clone)]
+struct Settings {
+    model: Option<PathBuf>,
+    device: String,
+    threshold: f64,
+    overlay: bool,
+    alpha: f64,
+    colormap: Colormap,
+    mqtt_url: String,
+    /// `None` means `patchflow/<element name>/score`.
+    mqtt_topic: Option<String>,
+    mqtt_qos: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            model: None,
+            device: DEFAULT_DEVICE.to_owned(),
+            threshold: DEFAULT_THRESHOLD,
+            overlay: DEFAULT_OVERLAY,
+            alpha: DEFAULT_ALPHA,
+            colormap: DEFAULT_COLORMAP,
+            mqtt_url: DEFAULT_MQTT_URL.to_owned(),
+            mqtt_topic: None,
+            mqtt_qos: DEFAULT_MQTT_QOS,
+        }
+    }
+}
+
+/// The settings that can change while playing, copied once per frame so that the
+/// settings lock is never held during inference.
+#[derive(Debug, Clone, Copy)]
+struct FrameSettings {
+    threshold: f64,
+    overlay: bool,
+    alpha: f64,
+    colormap: Colormap,
+}
+
+impl From<&Settings> for FrameSettings {
+    fn from(settings: &Settings) -> Self {
+        FrameSettings {
+            threshold: settings.threshold,
+            overlay: settings.overlay,
+            alpha: settings.alpha,
+            colormap: settings.colormap,
+        }
+    }
+}
+
+/// The loaded model and the frame counter, from `start()` to `stop()`.
+struct State {
+    scorer: Scorer,
+    /// Number of frames scored since `start()`, which is also the next frame's number.
+    frame_count: u64,
+}
+
+/// The running MQTT publisher, from `start()` to `stop()`.
+struct MqttOutput {
+    publisher: Publisher,
+    topic: String,
+    /// Element name, sent as `source` in every message.
+    source: String,
+    /// Messages that `Publisher::publish` rejected, counted here for rate-limited logging.
+    dropped: u64,
+}
+
+/// Result of scoring one frame, as posted on the bus and sent over MQTT.
+struct FrameReport {
+    frame: u64,
+    pts: Option<gst::ClockTime>,
+    score: f32,
+    normalized_score: f32,
+    threshold: f64,
+    is_anomalous: bool,
+    inference_ms: f64,
+}
+
+impl FrameReport {
+    fn label(&self) -> &'static str {
+        if self.is_anomalous {
+            "anomalous"
+        } else {
+            "normal"
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct PatchflowScore {
+    settings: Mutex<Settings>,
+    /// Locked for the whole of a frame's inference, so `stop()` waits for a running frame.
+    state: Mutex<Option<State>>,
+    /// Kept apart from `state` so that reading `mqtt-stats` never waits for inference.
+    mqtt: Mutex<Option<MqttOutput>>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for PatchflowScore {
+    const NAME: &'static str = "GstPatchflowScore";
+    type Type = super::PatchflowScore;
+    type ParentType = gst_video::VideoFilter;
+}
+
+impl ObjectImpl for PatchflowScore {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model file")
+                    .blurb(
+                        "Path of the PatchFlow model file (.safetensors) to score frames with. \
+                         Required. Read when the element starts.",
+                    )
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb(
+                        "Device that runs the model: cpu, or cuda:N for GPU N (cuda means \
+                         cuda:0) when the plugin is built with the cuda feature. Read when the \
+                         element starts.",
+                    )
+                    .default_value(Some(DEFAULT_DEVICE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecDouble::builder("threshold")
+                    .nick("Threshold")
+                    .blurb(
+                        "Normalised score (0 to 1) above which a frame is anomalous. 0.5 is \
+                         the threshold that the model was calibrated with.",
+                    )
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(DEFAULT_THRESHOLD)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("overlay")
+                    .nick("Overlay")
+                    .blurb(
+                        "Whether to blend the anomaly heatmap onto the frame. When false, \
+                         frames pass through unchanged.",
+                    )
+                    .default_value(DEFAULT_OVERLAY)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("alpha")
+                    .nick("Alpha")
+                    .blurb(
+                        "Opacity of the heatmap overlay, from 0 (invisible) to 1 (heatmap \
+                         only).",
+                    )
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(DEFAULT_ALPHA)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("colormap", DEFAULT_COLORMAP)
+                    .nick("Colormap")
+                    .blurb("Colour scale of the heatmap overlay.")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("mqtt-url")
+                    .nick("MQTT broker URL")
+                    .blurb(
+                        "Broker to publish per-frame scores to, as mqtt://HOST[:PORT] (port \
+                         1883 by default). Empty disables MQTT. An unreachable broker does \
+                         not stop the video: messages queue up and are dropped once the \
+                         queue is full. Read when the element starts.",
+                    )
+                    .default_value(Some(DEFAULT_MQTT_URL))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("mqtt-topic")
+                    .nick("MQTT topic")
+                    .blurb(
+                        "Topic that per-frame scores are published to. Unset or empty means \
+                         patchflow/<element name>/score. Read when the element starts.",
+                    )
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("mqtt-qos")
+                    .nick("MQTT QoS")
+                    .blurb("MQTT quality of service of every message: 0, 1 or 2.")
+                    .minimum(0)
+                    .maximum(2)
+                    .default_value(DEFAULT_MQTT_QOS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("mqtt-stats")
+                    .nick("MQTT statistics")
+                    .blurb(
+                        "Counters of the MQTT publisher since the element started: published, \
+                         dropped and queued messages, whether the broker is connected, and \
+                         reconnect attempts. All zero while MQTT is off or the element is \
+                         stopped.",
+                    )
+                    .read_only()
+                    .build(),
+            ]
+        });
+
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut settings = self.settings.lock().unwrap();
+        match pspec.name() {
+            "model" => {
+                let model = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from);
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing model from {:?} to {:?}",
+                    settings.model,
+                    model
+                );
+                settings.model = model;
+            }
+            "device" => {
+                let device = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing device from {} to {}",
+                    settings.device,
+                    device
+                );
+                settings.device = device;
+            }
+            "threshold" => {
+                let threshold = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing threshold from {} to {}",
+                    settings.threshold,
+                    threshold
+                );
+                settings.threshold = threshold;
+            }
+            "overlay" => {
+                let overlay = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing overlay from {} to {}",
+                    settings.overlay,
+                    overlay
+                );
+                settings.overlay = overlay;
+            }
+            "alpha" => {
+                let alpha = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing alpha from {} to {}",
+                    settings.alpha,
+                    alpha
+                );
+                settings.alpha = alpha;
+            }
+            "colormap" => {
+                let colormap = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing colormap from {:?} to {:?}",
+                    settings.colormap,
+                    colormap
+                );
+                settings.colormap = colormap;
+            }
+            "mqtt-url" => {
+                let url = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_default();
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing mqtt-url from {:?} to {:?}",
+                    settings.mqtt_url,
+                    url
+                );
+                settings.mqtt_url = url;
+            }
+            "mqtt-topic" => {
+                let topic = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|topic| !topic.is_empty());
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing mqtt-topic from {:?} to {:?}",
+                    settings.mqtt_topic,
+                    topic
+                );
+                settings.mqtt_topic = topic;
+            }
+            "mqtt-qos" => {
+                let qos = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing mqtt-qos from {} to {}",
+                    settings.mqtt_qos,
+                    qos
+                );
+                settings.mqtt_qos = qos;
+            }
+            _ => unimplemented!(),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let settings = self.settings.lock().unwrap();
+        match pspec.name() {
+            "model" => settings
+                .model
+                .as_ref()
+                .map(|path| path.to_string_lossy().into_owned())
+                .to_value(),
+            "device" => settings.device.to_value(),
+            "threshold" => settings.threshold.to_value(),
+            "overlay" => settings.overlay.to_value(),
+            "alpha" => settings.alpha.to_value(),
+            "colormap" => settings.colormap.to_value(),
+            "mqtt-url" => settings.mqtt_url.to_value(),
+            "mqtt-topic" => self.mqtt_topic(&settings).to_value(),
+            "mqtt-qos" => settings.mqtt_qos.to_value(),
+            "mqtt-stats" => {
+                drop(settings);
+                self.mqtt_stats().to_value()
+            }
+            _ => unimplemented!(),
+        }
+    }
+}
+
+impl GstObjectImpl for PatchflowScore {}
+
+impl ElementImpl for PatchflowScore {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static ELEMENT_METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "PatchFlow anomaly scorer",
+                "Filter/Analyzer/Video",
+                "Scores each frame with a PatchFlow anomaly model, blends the anomaly \
+                 heatmap onto the frame and reports the score on the bus and over MQTT",
+                "The patchflow developers",
+            )
+        });
+
+        Some(&*ELEMENT_METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static PAD_TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = gst_video::VideoCapsBuilder::new()
+                .format_list(FORMATS)
+                .build();
+            let src_pad_template = gst::PadTemplate::new(
+                "src",
+                gst::PadDirection::Src,
+                gst::PadPresence::Always,
+                &caps,
+            )
+            .unwrap();
+            let sink_pad_template = gst::PadTemplate::new(
+                "sink",
+                gst::PadDirection::Sink,
+                gst::PadPresence::Always,
+                &caps,
+            )
+            .unwrap();
+
+            vec![src_pad_template, sink_pad_template]
+        });
+
+        PAD_TEMPLATES.as_ref()
+    }
+}
+
+impl BaseTransformImpl for PatchflowScore {
+    // The overlay writes into the input buffer, and frames with identical caps on both
+    // sides must still be scored, so the transform is never skipped.
+    const MODE: gst_base::subclass::BaseTransformMode =
+        gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const PASSTHROUGH_ON_SAME_CAPS: bool = false;
+    const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+
+        let scorer = self.load_model(&settings)?;
+        let mqtt = if settings.mqtt_url.is_empty() {
+            None
+        } else {
+            Some(self.start_mqtt(&settings)?)
+        };
+
+        *self.state.lock().unwrap() = Some(State {
+            scorer,
+            frame_count: 0,
+        });
+        *self.mqtt.lock().unwrap() = mqtt;
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        // Shutting the publisher down can take up to MQTT_SHUTDOWN_TIMEOUT, so it happens
+        // outside the lock.
+        let mqtt = self.mqtt.lock().unwrap().take();
+        if let Some(mqtt) = mqtt {
+            let stats = mqtt.publisher.stats();
+            gst::info!(
+                CAT,
+                imp = self,
+                "Stopping MQTT publisher: {} messages published, {} dropped, {} still queued",
+                stats.published,
+                stats.dropped,
+                stats.queued
+            );
+            mqtt.publisher.shutdown(MQTT_SHUTDOWN_TIMEOUT);
+        }
+
+        if let Some(state) = self.state.lock().unwrap().take() {
+            gst::info!(
+                CAT,
+                imp = self,
+                "Stopped after {} frames",
+                state.frame_count
+            );
+        }
+        Ok(())
+    }
+}
+
+impl VideoFilterImpl for PatchflowScore {
+    fn transform_frame_ip(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let settings = FrameSettings::from(&*self.settings.lock().unwrap());
+
+        let Some(layout) = pixel_layout(frame.format()) else {
+            gst::element_imp_error!(
+                self,
+                gst::CoreError::Negotiation,
+                ("Unsupported video format {}", frame.format())
+            );
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let width = frame.width() as usize;
+        let height = frame.height() as usize;
+        let Ok(stride) = usize::try_from(frame.plane_stride()[0]) else {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Format,
+                (
+                    "Unsupported negative row stride {}",
+                    frame.plane_stride()[0]
+                )
+            );
+            return Err(gst::FlowError::Error);
+        };
+        let pts = frame.buffer().pts();
+
+        let mut state_guard = self.state.lock().unwrap();
+        let Some(state) = state_guard.as_mut() else {
+            gst::debug!(CAT, imp = self, "Dropping frame: the element is stopped");
+            return Err(gst::FlowError::Flushing);
+        };
+        let frame_number = state.frame_count;
+        state.frame_count += 1;
+
+        let data = frame.plane_data(0).map_err(|err| {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("Failed to map frame {} for reading: {}", frame_number, err)
+            );
+            gst::FlowError::Error
+        })?;
+        let started = Instant::now();
+        let result = state.scorer.score_frame(&PackedFrame {
+            data,
+            width,
+            height,
+            stride,
+            layout,
+        });
+        let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        drop(state_guard);
+
+        let score = result.map_err(|err| {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("Failed to score frame {}: {}", frame_number, err)
+            );
+            gst::FlowError::Error
+        })?;
+
+        let overlay_started = Instant::now();
+        if settings.overlay && settings.alpha > 0.0 {
+            let data = frame.plane_data_mut(0).map_err(|err| {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Failed to map frame {} for writing: {}", frame_number, err)
+                );
+                gst::FlowError::Error
+            })?;
+            blend_heatmap(
+                data,
+                (width, height, stride),
+                layout,
+                &score.heat,
+                settings.colormap.into(),
+                settings.alpha as f32,
+            );
+        }
+        let overlay_ms = overlay_started.elapsed().as_secs_f64() * 1e3;
+
+        let report = FrameReport {
+            frame: frame_number,
+            pts,
+            score: score.score,
+            normalized_score: score.normalized_score,
+            threshold: settings.threshold,
+            is_anomalous: score.is_anomalous(settings.threshold as f32),
+            inference_ms,
+        };
+        gst::log!(
+            CAT,
+            imp = self,
+            "Frame {} (pts {}): score {:.5}, normalised {:.3}, {}, inference {:.1} ms, overlay {:.1} ms",
+            report.frame,
+            report.pts.display(),
+            report.score,
+            report.normalized_score,
+            report.label(),
+            report.inference_ms,
+            overlay_ms
+        );
+
+        self.publish_mqtt(&report);
+        self.post_report(&report);
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
+
+impl PatchflowScore {
+    /// Loads the model file named by the `model` property onto the `device` property.
+    fn load_model(&self, settings: &Settings) -> Result<Scorer, gst::ErrorMessage> {
+        let Some(path) = settings.model.as_ref() else {
+            gst::error!(CAT, imp = self, "No model file set");
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("No model file set: set the model property, e.g. model=PATH/model.safetensors")
+            ));
+        };
+        let device = patchflow::device::parse(&settings.device).map_err(|err| {
+            gst::error!(
+                CAT,
+                imp = self,
+                "Failed to set up device {:?}: {}",
+                settings.device,
+                err
+            );
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("Failed to set up device {:?}: {}", settings.device, err)
+            )
+        })?;
+
+        gst::info!(
+            CAT,
+            imp = self,
+            "Loading model {} on {}",
+            path.display(),
+            settings.device
+        );
+        let started = Instant::now();
+        let scorer = Scorer::load(path, &device).map_err(|err| {
+            gst::error!(
+                CAT,
+                imp = self,
+                "Failed to load model {}: {}",
+                path.display(),
+                err
+            );
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("Failed to load model {}: {}", path.display(), err)
+            )
+        })?;
+
+        let meta = scorer.meta();
+        let [input_height, input_width] = meta.config.input_size;
+        gst::info!(
+            CAT,
+            imp = self,
+            "Loaded model {} in {:.2} s: backbone {}, input {}x{}, raw image threshold {}",
+            path.display(),
+            started.elapsed().as_secs_f64(),
+            meta.config.backbone,
+            input_width,
+            input_height,
+            meta.stats.image_threshold
+        );
+        Ok(scorer)
+    }
+
+    /// Starts the MQTT publisher. It connects in the background, so only invalid settings
+    /// fail here, never an unreachable broker.
+    fn start_mqtt(&self, settings: &Settings) -> Result<MqttOutput, gst::ErrorMessage> {
+        let source = self.obj().name().to_string();
+        let topic = self.mqtt_topic(settings);
+        if !is_valid_topic(&topic) {
+            gst::error!(CAT, imp = self, "Invalid MQTT topic {:?}", topic);
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                (
+                    "Invalid mqtt-topic {:?}: expected a non-empty topic name without the wildcards + and #",
+                    topic
+                )
+            ));
+        }
+
+        let mqtt_settings = MqttSettings {
+            url: settings.mqtt_url.clone(),
+            // The broker disconnects an older client with the same id, so the id includes
+            // the process id to let several pipelines share one broker.
+            client_id: format!("patchflow-{}-{}", source, std::process::id()),
+            // The property's range is 0..=2, so the conversion cannot fail.
+            qos: u8::try_from(settings.mqtt_qos).unwrap_or(u8::MAX),
+            ..MqttSettings::default()
+        };
+        let publisher = Publisher::start(mqtt_settings).map_err(|err| {
+            gst::error!(CAT, imp = self, "Failed to start MQTT publisher: {}", err);
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                (
+                    "Failed to start MQTT publisher for {}: {}",
+                    settings.mqtt_url,
+                    err
+                )
+            )
+        })?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "Publishing scores to {} on topic {} with QoS {}",
+            settings.mqtt_url,
+            topic,
+            settings.mqtt_qos
+        );
+
+        Ok(MqttOutput {
+            publisher,
+            topic,
+            source,
+            dropped: 0,
+        })
+    }
+
+    /// Topic from the `mqtt-topic` property, or the default derived from the element name.
+    fn mqtt_topic(&self, settings: &Settings) -> String {
+        settings
+            .mqtt_topic
+            .clone()
+            .unwrap_or_else(|| format!("patchflow/{}/score", self.obj().name()))
+    }
+
+    /// Queues the frame's JSON message for the broker without waiting for the network.
+    fn publish_mqtt(&self, report: &FrameReport) {
+        let mut mqtt_guard = self.mqtt.lock().unwrap();
+        let Some(mqtt) = mqtt_guard.as_mut() else {
+            return;
+        };
+
+        let message = frame_message(
+            &mqtt.source,
+            report.frame,
+            report.pts.map(gst::ClockTime::nseconds),
+            report.score,
+            report.normalized_score,
+            report.threshold as f32,
+            report.is_anomalous,
+        );
+        if !mqtt.publisher.publish(&mqtt.topic, message.to_json()) {
+            mqtt.dropped += 1;
+            if mqtt.dropped == 1 || mqtt.dropped % MQTT_DROP_LOG_INTERVAL == 0 {
+                let stats = mqtt.publisher.stats();
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "Dropped the MQTT message of frame {} ({} dropped so far, broker {}): \
+                     the queue is full",
+                    report.frame,
+                    mqtt.dropped,
+                    if stats.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    }
+                );
+            }
+        }
+    }
+
+    /// Posts the frame's `patchflow` element message on the bus.
+    fn post_report(&self, report: &FrameReport) {
+        let structure = gst::Structure::builder("patchflow")
+            .field("score", f64::from(report.score))
+            .field("normalized-score", f64::from(report.normalized_score))
+            .field("is-anomalous", report.is_anomalous)
+            .field("label", report.label())
+            .field("threshold", report.threshold)
+            .field("pts", report.pts)
+            .field("frame", report.frame)
+            .field("inference-ms", report.inference_ms)
+            .build();
+        let message = gst::message::Element::builder(structure)
+            .src(&*self.obj())
+            .build();
+        // Fails only when the element has no bus, and then no application can receive it.
+        let _ = self.obj().post_message(message);
+    }
+
+    /// Current counters of the MQTT publisher as a `patchflow-mqtt-stats` structure.
+    fn mqtt_stats(&self) -> gst::Structure {
+        let stats = self
+            .mqtt
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|mqtt| mqtt.publisher.stats())
+            .unwrap_or_default();
+        gst::Structure::builder("patchflow-mqtt-stats")
+            .field("published", stats.published)
+            .field("dropped", stats.dropped)
+            .field("queued", stats.queued as u64)
+            .field("connected", stats.connected)
+            .field("reconnect-attempts", stats.reconnect_attempts)
+            .build()
+    }
+}
+
+/// Byte layout of a negotiated video format, `None` for formats outside [`FORMATS`].
+fn pixel_layout(format: gst_video::VideoFormat) -> Option<PixelLayout> {
+    use gst_video::VideoFormat;
+
+    let layout = match format {
+        VideoFormat::Rgb => PixelLayout::Rgb,
+        VideoFormat::Bgr => PixelLayout::Bgr,
+        VideoFormat::Rgbx => PixelLayout::Rgbx,
+        VideoFormat::Bgrx => PixelLayout::Bgrx,
+        VideoFormat::Xrgb => PixelLayout::Xrgb,
+        VideoFormat::Xbgr => PixelLayout::Xbgr,
+        VideoFormat::Rgba => PixelLayout::Rgba,
+        VideoFormat::Bgra => PixelLayout::Bgra,
+        VideoFormat::Argb => PixelLayout::Argb,
+        VideoFormat::Abgr => PixelLayout::Abgr,
+        _ => return None,
+    };
+    Some(layout)
+}
+
+/// Checks that `topic` is a topic name that a client may publish to: non-empty, at most
+/// 65535 bytes, and free of the wildcards `+` and `#` and of NUL.
+fn is_valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= usize::from(u16::MAX) && !topic.contains(['+', '#', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixel_layout_covers_template_formats() {
+        for format in FORMATS {
+            assert!(pixel_layout(format).is_some(), "{format:?}");
+        }
+        assert!(pixel_layout(gst_video::VideoFormat::I420).is_none());
+    }
+
+    #[test]
+    fn topic_validation() {
+        assert!(is_valid_topic("patchflow/patchflowscore0/score"));
+        assert!(!is_valid_topic(""));
+        assert!(!is_valid_topic("patchflow/+/score"));
+        assert!(!is_valid_topic("patchflow/#"));
+    }
+}
