@@ -348,7 +348,7 @@ pub fn train(
             bar.inc(1);
         }
         final_loss = (epoch_loss / cache.len() as f64) as f32;
-        tracing::info!(epoch = epoch + 1, loss = final_loss, "epoch done");
+        tracing::debug!(epoch = epoch + 1, loss = final_loss, "epoch done");
         if !opts.progress {
             eprintln!("epoch {}/{}: loss {final_loss:.5}", epoch + 1, opts.epochs);
         }

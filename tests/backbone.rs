@@ -2,15 +2,16 @@
 //! The EfficientNet-Lite0 port with the real ImageNet weights: it must classify real
 //! photos as the original network does, and tap feature maps at strides 8, 16 and 32.
 
-mod common;
+mod support;
 
 use candle_core::{D, DType, Device, Tensor};
 use patchflow::imageops::{ResizeMode, load_rgb_chw, resize_planes};
 use patchflow::model::efficientnet::{EfficientNet, EfficientNetConfig, FEATURE_STAGES};
 use patchflow::model::{Preprocess, Weights};
+use support::fixtures;
 
 fn lite0() -> EfficientNet {
-    let tensors = candle_core::safetensors::load(common::backbone_path(), &Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(fixtures::backbone_path(), &Device::Cpu).unwrap();
     let weights = Weights::new(tensors, &Device::Cpu, DType::F32).unwrap();
     let cfg = EfficientNetConfig::from_name("tf_efficientnet_lite0").unwrap();
     EfficientNet::load(&weights, &cfg).unwrap()
@@ -18,7 +19,7 @@ fn lite0() -> EfficientNet {
 
 /// The image at 224x224, normalised with the Lite weights' mean and std of 0.5.
 fn input(name: &str) -> Tensor {
-    let (chw, h, w) = load_rgb_chw(&common::image(name)).unwrap();
+    let (chw, h, w) = load_rgb_chw(&fixtures::image(name)).unwrap();
     let mut data = resize_planes(&chw, 3, (h, w), (224, 224), ResizeMode::Antialias);
     let p = Preprocess::lite();
     for (c, plane) in data.chunks_exact_mut(224 * 224).enumerate() {

@@ -2,7 +2,7 @@
 //! The whole model on the real backbone: output shapes, model files (round trip and
 //! every kind of rejection) and a short training run.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use patchflow::imageops::load_rgb_chw;
 use patchflow::model::{ModelConfig, ModelError};
 use patchflow::scoring::Scorer;
 use patchflow::train::{self, TrainOptions};
+use support::fixtures;
 
 fn small_config() -> ModelConfig {
     ModelConfig {
@@ -22,7 +23,7 @@ fn small_config() -> ModelConfig {
 }
 
 fn saved_model(dir: &Path) -> PathBuf {
-    let (model, meta) = train::init_model(&small_config(), &common::backbone_path(), 1).unwrap();
+    let (model, meta) = train::init_model(&small_config(), &fixtures::backbone_path(), 1).unwrap();
     let path = dir.join("model.safetensors");
     checkpoint::save(&path, &model, &meta).unwrap();
     path
@@ -48,7 +49,7 @@ fn load_err(path: &Path) -> ModelError {
 
 #[test]
 fn forward_shapes() {
-    let (model, _) = train::init_model(&small_config(), &common::backbone_path(), 0).unwrap();
+    let (model, _) = train::init_model(&small_config(), &fixtures::backbone_path(), 0).unwrap();
     assert_eq!(model.fused_channels(), 3 * (40 + 112 + 320));
     assert_eq!(model.grid_size(), (8, 8));
     let x = Tensor::zeros((2, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
@@ -71,7 +72,7 @@ fn crop_pads_map_with_minus_one() {
         crop_size: Some([64, 64]),
         ..ModelConfig::lite0()
     };
-    let (model, _) = train::init_model(&cfg, &common::backbone_path(), 0).unwrap();
+    let (model, _) = train::init_model(&cfg, &fixtures::backbone_path(), 0).unwrap();
     let x = Tensor::zeros((1, 3, 80, 80), DType::F32, &Device::Cpu).unwrap();
     let out = model.forward(&x).unwrap();
     let map = out
@@ -95,7 +96,7 @@ fn crop_pads_map_with_minus_one() {
 #[test]
 fn model_file_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, meta) = train::init_model(&small_config(), &common::backbone_path(), 3).unwrap();
+    let (model, meta) = train::init_model(&small_config(), &fixtures::backbone_path(), 3).unwrap();
     let path = dir.path().join("m.safetensors");
     checkpoint::save(&path, &model, &meta).unwrap();
     let (loaded, loaded_meta) = checkpoint::load(&path, &Device::Cpu).unwrap();
@@ -114,7 +115,7 @@ fn model_file_round_trip() {
             .unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name} changed");
     }
-    let (chw, h, w) = load_rgb_chw(&common::image("gravel.png")).unwrap();
+    let (chw, h, w) = load_rgb_chw(&fixtures::image("gravel.png")).unwrap();
     let a = Scorer::new(model, meta).score_chw(&chw, (h, w)).unwrap();
     let b = Scorer::new(loaded, loaded_meta)
         .score_chw(&chw, (h, w))
@@ -244,7 +245,7 @@ fn broken_permutation_is_rejected() {
 
 /// Writes `count` 96x96 crops of a committed texture into `dir`.
 fn texture_crops(name: &str, dir: &Path, count: usize) -> Vec<PathBuf> {
-    let img = image::open(common::image(name)).unwrap().to_rgb8();
+    let img = image::open(fixtures::image(name)).unwrap().to_rgb8();
     (0..count)
         .map(|i| {
             let (x, y) = ((i * 53) % 400, (i * 97) % 400);
@@ -267,9 +268,15 @@ fn training_lowers_the_loss_and_calibrates() {
         progress: false,
         ..TrainOptions::default()
     };
-    let (untrained, _) = train::init_model(&cfg, &common::backbone_path(), opts.seed).unwrap();
-    let (trained, meta) =
-        train::train(&cfg, &common::backbone_path(), &images, &opts, &Device::Cpu).unwrap();
+    let (untrained, _) = train::init_model(&cfg, &fixtures::backbone_path(), opts.seed).unwrap();
+    let (trained, meta) = train::train(
+        &cfg,
+        &fixtures::backbone_path(),
+        &images,
+        &opts,
+        &Device::Cpu,
+    )
+    .unwrap();
 
     let loss = |m: &patchflow::model::PatchFlow| {
         let x = train::load_input(m, &images[0]).unwrap();

@@ -1,8 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Shared test inputs: the converted backbone weights and the committed images.
 
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 
 /// The EfficientNet-Lite0 weights that `scripts/setup.sh` converts, or

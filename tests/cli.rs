@@ -1,0 +1,298 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The `patchflow` binary as a user runs it: train, info and predict on real textures,
+//! and `run` on line configs, with the GStreamer plugin and a real mosquitto broker.
+//!
+//! `run` needs `libgstpatchflow.so` next to the binary, which
+//! `cargo build --release --workspace` (run by scripts/setup.sh) puts there.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use patchflow::checkpoint;
+use patchflow::model::ModelConfig;
+use serde_json::Value;
+use support::broker::{Broker, Subscriber};
+use support::fixtures;
+
+fn patchflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchflow"));
+    // A private registry, so that a stale cache cannot hide the plugin.
+    let registry =
+        std::env::temp_dir().join(format!("patchflow-cli-registry-{}.bin", std::process::id()));
+    cmd.env("GST_REGISTRY", registry).env("RUST_LOG", "warn");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd.output().expect("patchflow starts");
+    eprintln!("stderr: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn plugin_next_to_binary() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_patchflow"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let so = dir.join("libgstpatchflow.so");
+    assert!(
+        so.is_file(),
+        "{} is missing: build it with `cargo build --release --workspace` before the tests",
+        so.display()
+    );
+}
+
+/// Writes `count` 96x96 crops of a committed texture into `dir`.
+fn texture_crops(name: &str, dir: &Path, count: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = image::open(fixtures::image(name)).unwrap().to_rgb8();
+    for i in 0..count {
+        let (x, y) = ((i * 61) % 400, (i * 89) % 400);
+        let crop = image::imageops::crop_imm(&img, x as u32, y as u32, 96, 96).to_image();
+        crop.save(dir.join(format!("{i:02}.png"))).unwrap();
+    }
+}
+
+/// An untrained 64x64 model file, enough to exercise the pipeline.
+fn small_model(dir: &Path) -> PathBuf {
+    let cfg = ModelConfig {
+        input_size: [64, 64],
+        ..ModelConfig::lite0()
+    };
+    let (model, meta) = patchflow::train::init_model(&cfg, &fixtures::backbone_path(), 5).unwrap();
+    let path = dir.join("model.safetensors");
+    checkpoint::save(&path, &model, &meta).unwrap();
+    path
+}
+
+#[test]
+fn train_info_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    texture_crops("gravel.png", &good, 6);
+    let model = dir.path().join("gravel.safetensors");
+    let out = run(patchflow()
+        .args(["train", "--images"])
+        .arg(&good)
+        .arg("--backbone")
+        .arg(fixtures::backbone_path())
+        .arg("--output")
+        .arg(&model)
+        .args(["--input-size", "64", "--epochs", "2", "--batch-size", "2"]));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("5 train / 1 held-out images"));
+
+    let out = run(patchflow().arg("info").arg(&model));
+    assert!(out.status.success());
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["config"]["input_size"], serde_json::json!([64, 64]));
+    assert_eq!(
+        info["config"]["preprocess"]["mean"],
+        serde_json::json!([0.5, 0.5, 0.5])
+    );
+    assert_eq!(info["backbone"]["name"], "tf_efficientnet_lite0");
+    assert_eq!(info["training"]["epochs"], 2);
+
+    let overlays = dir.path().join("overlays");
+    let out = run(patchflow()
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--output-dir")
+        .arg(&overlays)
+        .arg(&good)
+        .arg(fixtures::image("brick.png")));
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7);
+    for line in &lines {
+        let score = line["score"].as_f64().unwrap();
+        assert!((-1.0..=0.0).contains(&score), "{line}");
+        assert!(line["label"] == "normal" || line["label"] == "anomalous");
+        let overlay = PathBuf::from(line["overlay"].as_str().unwrap());
+        assert!(overlay.is_file(), "{}", overlay.display());
+    }
+    let brick = image::open(overlays.join("brick_overlay.png")).unwrap();
+    assert_eq!((brick.width(), brick.height()), (512, 512));
+}
+
+#[test]
+fn predict_rejects_corrupt_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("broken.safetensors");
+    std::fs::write(&model, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    let out = run(patchflow()
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg(fixtures::image("brick.png")));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.safetensors"), "{err}");
+}
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("line.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn run_line_to_frames_and_broker() {
+    plugin_next_to_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "patchflow/cli-test/score");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+name = "cli-test"
+[source]
+kind = "test"
+num_buffers = 8
+width = 80
+height = 60
+[model]
+path = "{}"
+[mqtt]
+url = "${{PATCHFLOW_TEST_BROKER}}"
+[sink]
+kind = "frames"
+folder = "frames"
+"#,
+            model.display()
+        ),
+    );
+    let out = run(patchflow()
+        .arg("run")
+        .arg(&config)
+        .env("PATCHFLOW_TEST_BROKER", broker.url()));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 frames scored"));
+
+    let frames: Vec<_> = std::fs::read_dir(dir.path().join("frames"))
+        .unwrap()
+        .collect();
+    assert_eq!(frames.len(), 8);
+    let messages = subscriber.collect(8, Duration::from_secs(10));
+    assert_eq!(messages.len(), 8);
+    let first: Value = serde_json::from_str(&messages[0].payload).unwrap();
+    assert_eq!(first["frame"], 0);
+    assert_eq!(first["source"], "scorer");
+}
+
+#[test]
+fn run_reports_every_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        r#"
+name = "bad/name"
+[source]
+kind = "images"
+location = "frames/*.png"
+[model]
+path = "missing.safetensors"
+[scoring]
+threshold = 1.5
+colormap = "rainbow"
+[mqtt]
+url = "http://localhost"
+"#,
+    );
+    let out = run(patchflow().arg("run").arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "name",
+        "model.path",
+        "scoring.threshold",
+        "scoring.colormap",
+        "source.location",
+        "mqtt.url",
+    ] {
+        assert!(err.contains(field), "{field} missing from: {err}");
+    }
+}
+
+#[test]
+fn run_rejects_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "name = \"x\"\ncolour = 3\n[source]\nkind = \"test\"\n[model]\npath = \"m\"\n",
+    );
+    let out = run(patchflow().arg("run").arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+}
+
+#[test]
+fn interrupt_finishes_the_video_file() {
+    plugin_next_to_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+name = "endless"
+[source]
+kind = "test"
+num_buffers = 100000
+width = 64
+height = 64
+[model]
+path = "{}"
+[sink]
+kind = "file"
+location = "out.avi"
+"#,
+            model.display()
+        ),
+    );
+    let mut child = patchflow()
+        .arg("run")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let video = dir.path().join("out.avi");
+    let started = Instant::now();
+    while std::fs::metadata(&video).map(|m| m.len()).unwrap_or(0) < 20_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no video written within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("patchflow run did not stop within 20 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit:?}");
+    // avimux writes its index when it receives end-of-stream.
+    let bytes = std::fs::read(&video).unwrap();
+    assert!(
+        bytes.windows(4).any(|w| w == b"idx1"),
+        "the AVI index was not written"
+    );
+}
