@@ -142,6 +142,52 @@ impl EfficientNetConfig {
             .map(|s| s.stride)
             .product::<usize>()
     }
+
+    /// Lists the names and shapes of the tensors that [`EfficientNet::load`] reads for the
+    /// feature extractor (stem and all stages, no classification head), in timm's naming
+    /// and load order. This is the float part of a timm `features_only` state dict, which
+    /// also has an int64 `num_batches_tracked` per BatchNorm.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        fn batch_norm(out: &mut Vec<(String, Vec<usize>)>, prefix: &str, channels: usize) {
+            for name in ["weight", "bias", "running_mean", "running_var"] {
+                out.push((format!("{prefix}.{name}"), vec![channels]));
+            }
+        }
+        let mut out = vec![(
+            "conv_stem.weight".to_string(),
+            vec![self.stem_channels, 3, 3, 3],
+        )];
+        batch_norm(&mut out, "bn1", self.stem_channels);
+        let mut in_c = self.stem_channels;
+        for (s, stage) in self.stages.iter().enumerate() {
+            let (k, out_c) = (stage.kernel, stage.out_channels);
+            for b in 0..stage.repeats {
+                let p = format!("blocks.{s}.{b}");
+                let mid = in_c * stage.expand;
+                let (dw_bn, pw_name, pw_bn) = if stage.separable {
+                    ("bn1", "conv_pw", "bn2")
+                } else {
+                    out.push((format!("{p}.conv_pw.weight"), vec![mid, in_c, 1, 1]));
+                    batch_norm(&mut out, &format!("{p}.bn1"), mid);
+                    ("bn2", "conv_pwl", "bn3")
+                };
+                out.push((format!("{p}.conv_dw.weight"), vec![mid, 1, k, k]));
+                batch_norm(&mut out, &format!("{p}.{dw_bn}"), mid);
+                if self.squeeze_excite {
+                    // Same reduced width as `Block::load`: a quarter of the block input.
+                    let r = ((in_c as f64) * 0.25).round().max(1.0) as usize;
+                    out.push((format!("{p}.se.conv_reduce.weight"), vec![r, mid, 1, 1]));
+                    out.push((format!("{p}.se.conv_reduce.bias"), vec![r]));
+                    out.push((format!("{p}.se.conv_expand.weight"), vec![mid, r, 1, 1]));
+                    out.push((format!("{p}.se.conv_expand.bias"), vec![mid]));
+                }
+                out.push((format!("{p}.{pw_name}.weight"), vec![out_c, mid, 1, 1]));
+                batch_norm(&mut out, &format!("{p}.{pw_bn}"), out_c);
+                in_c = out_c;
+            }
+        }
+        out
+    }
 }
 
 /// timm's `features_only` taps for `out_indices=[2, 3, 4]`: the outputs of stages 2, 4

@@ -14,6 +14,7 @@ mod cpu;
 pub mod efficientnet;
 pub mod flow;
 pub mod ops;
+pub mod synthetic;
 pub mod weights;
 
 use candle_core::{D, DType, Device, Result as CandleResult, Tensor};
