@@ -302,8 +302,11 @@ impl Module for Block {
             Some(se) => se.forward(&h)?,
             None => h,
         };
-        let h = self.project.forward(&h)?;
-        if self.skip { h + x } else { Ok(h) }
+        if self.skip {
+            self.project.forward_residual(&h, x)
+        } else {
+            self.project.forward(&h)
+        }
     }
 }
 

@@ -121,28 +121,46 @@ impl ConvBn {
     }
 }
 
+impl ConvBn {
+    /// The convolution without bias or activation, through the CPU matrix-product path.
+    fn gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let out_c = self.weight.dim(0)?;
+        // (B, C*K*K, OH*OW) columns, then (O, C*K*K) x columns.
+        let (cols, oh, ow) = if self.kernel == 1 && self.stride == 1 {
+            (x.reshape((b, c, h * w))?, h, w)
+        } else {
+            let op = cpu::Im2ColSame {
+                kernel: self.kernel,
+                stride: self.stride,
+            };
+            let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
+            (cols, h.div_ceil(self.stride), w.div_ceil(self.stride))
+        };
+        let w2 = self.weight.reshape((out_c, ()))?;
+        w2.broadcast_matmul(&cols)?.reshape((b, out_c, oh, ow))
+    }
+
+    /// `forward(x) + residual`, fused on the CPU for layers without activation.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.cpu {
+            Some(CpuConv::Gemm(op)) if op.activation == Activation::None => {
+                let bias = cpu::BiasResidual {
+                    bias: op.bias.clone(),
+                };
+                self.gemm(x)?
+                    .apply_op2_no_bwd(&residual.contiguous()?, &bias)
+            }
+            _ => self.forward(x)? + residual,
+        }
+    }
+}
+
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.cpu {
             Some(CpuConv::Depthwise(op)) => return x.contiguous()?.apply_op1_no_bwd(op),
-            Some(CpuConv::Gemm(op)) => {
-                let (b, c, h, w) = x.dims4()?;
-                let out_c = self.weight.dim(0)?;
-                // (B, C*K*K, OH*OW) columns, then (O, C*K*K) x columns.
-                let (cols, oh, ow) = if self.kernel == 1 && self.stride == 1 {
-                    (x.reshape((b, c, h * w))?, h, w)
-                } else {
-                    let op = cpu::Im2ColSame {
-                        kernel: self.kernel,
-                        stride: self.stride,
-                    };
-                    let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
-                    (cols, h.div_ceil(self.stride), w.div_ceil(self.stride))
-                };
-                let w2 = self.weight.reshape((out_c, ()))?;
-                let y = w2.broadcast_matmul(&cols)?.reshape((b, out_c, oh, ow))?;
-                return y.apply_op1_no_bwd(op);
-            }
+            Some(CpuConv::Gemm(op)) => return self.gemm(x)?.apply_op1_no_bwd(op),
             None => {}
         }
         let y = if self.kernel == 1 && self.stride == 1 && self.groups == 1 {
