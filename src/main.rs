@@ -87,11 +87,52 @@ enum Command {
         /// Model file.
         model: PathBuf,
     },
+    /// Measure inference latency, throughput, the backbone/fusion/flow split and peak
+    /// memory, each configuration, batch size and thread count in its own process.
+    ///
+    /// The models use deterministic synthetic weights: speed does not depend on the
+    /// values. With --torch-python, anomalib's PyTorch model is timed the same way
+    /// (scripts/reference/bench_torch.py in the reference environment) and the table
+    /// shows our time over PyTorch's.
+    Bench(BenchArgs),
     /// Run the production line described by a TOML config until end of stream or Ctrl-C.
     Run {
         /// Line config file (see configs/).
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Configurations to measure: lite0 (256x256, 3 scales), b5 (768x768, 3 scales).
+    #[arg(long, value_delimiter = ',', default_value = "lite0")]
+    configs: Vec<String>,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    batch: Vec<usize>,
+    /// CPU thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Untimed passes before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed passes per measurement.
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Stop a measurement after this many seconds, once 3 passes ran.
+    #[arg(long, default_value_t = 30.0)]
+    max_seconds: f64,
+    /// Python of the reference environment (data/reference-venv/bin/python) to time
+    /// anomalib's PyTorch model as well.
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Run one measurement (first config, first batch) in this process and print it as
+    /// JSON; `patchflow bench` starts itself this way for each combination.
+    #[arg(long, hide = true)]
+    single: bool,
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +393,64 @@ fn run_info(model: &Path) -> Result<()> {
     Ok(())
 }
 
+fn run_bench(args: &BenchArgs) -> Result<()> {
+    use patchflow::bench;
+    if args.max_seconds.is_nan() || args.max_seconds < 0.0 {
+        return Err(UsageError(format!(
+            "invalid --max-seconds {}: expected a positive number",
+            args.max_seconds
+        ))
+        .into());
+    }
+    let budget = bench::Budget {
+        warmup: args.warmup,
+        iterations: args.iterations,
+        max_time: std::time::Duration::from_secs_f64(args.max_seconds),
+    };
+    for config in &args.configs {
+        if !bench::CONFIGS.contains(&config.as_str()) {
+            return Err(UsageError(format!(
+                "unknown configuration {config:?}: expected one of {}",
+                bench::CONFIGS.join(", ")
+            ))
+            .into());
+        }
+    }
+    if args.single {
+        let (config, batch) = (&args.configs[0], args.batch[0]);
+        let model = bench::synthetic_model(config, &candle_core::Device::Cpu)?;
+        let result = bench::measure(&model, config, batch, budget)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    let opts = bench::MatrixOptions {
+        configs: args.configs.clone(),
+        batches: args.batch.clone(),
+        threads: args.threads.clone(),
+        budget,
+        torch_python: args.torch_python.clone(),
+    };
+    let exe = std::env::current_exe().context("cannot find the patchflow executable")?;
+    let rows = bench::run_matrix(&exe, &opts, |row| {
+        let r = &row.ours;
+        let torch = row
+            .torch
+            .as_ref()
+            .map(|t| format!(", PyTorch {:.1} ms", t.p50_ms))
+            .unwrap_or_default();
+        eprintln!(
+            "{} batch {} threads {}: {:.1} ms{torch}",
+            r.config, r.batch, r.threads, r.p50_ms
+        );
+    })?;
+    println!("{}", bench::markdown(&rows));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn,patchflow=info",
@@ -417,6 +516,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             device,
         )?,
         Command::Info { model } => run_info(model)?,
+        Command::Bench(args) => run_bench(args)?,
         Command::Run { config } => return patchflow::line::run_file(config),
     }
     Ok(ExitCode::SUCCESS)

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use candle_core::{D, DType, Device, IndexOp, Result as CandleResult, Tensor};
 
+use super::ops::{self, Activation};
 use super::weights::{ModelError, Weights};
 
 /// anomalib's `affine_clamping` default.
@@ -160,27 +161,30 @@ impl FlowBlock {
     }
 
     fn subnet(&self, x1: &Tensor, train: bool) -> CandleResult<Tensor> {
+        if !train {
+            return self.subnet_eval(x1);
+        }
         let h = x1
             .conv2d(&self.conv0_w, 1, 1, 1, 1)?
             .broadcast_add(&self.conv0_b.reshape((1, (), 1, 1))?)?;
         let h = h
             .conv2d(&self.conv1_w, 1, 1, 1, 1)?
             .broadcast_add(&self.conv1_b.reshape((1, (), 1, 1))?)?;
-        let h = if train {
-            self.batch_norm_train(&h)?
-        } else {
-            self.batch_norm_eval(&h)?
-        };
+        let h = self.batch_norm_train(&h)?;
         // LeakyReLU with slope 0.2: max(x, 0.2 x).
         h.maximum(&h.affine(0.2, 0.0)?)
     }
 
-    fn batch_norm_eval(&self, h: &Tensor) -> CandleResult<Tensor> {
+    /// The subnet in eval mode, with the BatchNorm's running statistics folded into the
+    /// second convolution (the statistics can change between calls while training).
+    fn subnet_eval(&self, x1: &Tensor) -> CandleResult<Tensor> {
         let (mean, var) = self.running_stats();
         let scale = (&self.bn_w / var.affine(1.0, BN_EPS)?.sqrt()?)?;
         let shift = (&self.bn_b - (&mean * &scale)?)?;
-        h.broadcast_mul(&scale.reshape((1, (), 1, 1))?)?
-            .broadcast_add(&shift.reshape((1, (), 1, 1))?)
+        let w1 = self.conv1_w.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+        let b1 = ((&self.conv1_b * &scale)? + shift)?;
+        let h = ops::conv_same(x1, &self.conv0_w, &self.conv0_b, 1, Activation::None)?;
+        ops::conv_same(&h, &w1, &b1, 1, Activation::LeakyRelu)
     }
 
     /// BatchNorm with batch statistics over (B, H, W); updates the running statistics

@@ -34,7 +34,12 @@ pub enum Activation {
     None,
     Relu6,
     Silu,
+    /// LeakyReLU with slope [`LEAKY_SLOPE`], as in the flow's coupling subnet.
+    LeakyRelu,
 }
+
+/// Negative slope of [`Activation::LeakyRelu`].
+pub const LEAKY_SLOPE: f32 = 0.2;
 
 impl Activation {
     /// Applies the activation to one value.
@@ -43,6 +48,7 @@ impl Activation {
             Activation::None => v,
             Activation::Relu6 => v.clamp(0.0, 6.0),
             Activation::Silu => v / (1.0 + (-v).exp()),
+            Activation::LeakyRelu => v.max(LEAKY_SLOPE * v),
         }
     }
 }
@@ -53,6 +59,7 @@ impl Module for Activation {
             Activation::None => Ok(x.clone()),
             Activation::Relu6 => x.clamp(0f32, 6f32),
             Activation::Silu => x.silu(),
+            Activation::LeakyRelu => x.maximum(&x.affine(LEAKY_SLOPE as f64, 0.0)?),
         }
     }
 }
@@ -172,6 +179,36 @@ impl Module for ConvBn {
         };
         self.activation.forward(&y)
     }
+}
+
+/// A "SAME" convolution with bias and activation for inference (no gradient), through
+/// the CPU matrix-product path when `x` is an f32 CPU tensor and candle's `conv2d`
+/// otherwise.
+pub fn conv_same(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    activation: Activation,
+) -> Result<Tensor> {
+    let (_, _, kernel, _) = weight.dims4()?;
+    let layer = ConvBn {
+        weight: weight.clone(),
+        bias: bias.clone(),
+        kernel,
+        stride,
+        groups: 1,
+        activation,
+        cpu: if x.device().is_cpu() && x.dtype() == DType::F32 {
+            Some(CpuConv::Gemm(cpu::BiasActivation {
+                bias: bias.to_vec1::<f32>()?,
+                activation,
+            }))
+        } else {
+            None
+        },
+    };
+    layer.forward(x)
 }
 
 /// Learned BatchNorm parameters and running statistics.
