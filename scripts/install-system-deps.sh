@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT OR Apache-2.0
-# Installs the Debian 12 packages that building, testing and the demo need:
-# GStreamer (development files, tools and plugins), mosquitto and python3.
+# Installs the Debian 12 packages that building, testing and the demo need: a C
+# toolchain for linking, GStreamer (development files, tools and plugins), mosquitto
+# and python3.
 # Runs as root or through sudo; skips apt when everything is already present.
 set -euo pipefail
 
 packages=(
-  pkg-config ca-certificates
+  # C compiler and linker, which rustc needs to link on Linux.
+  gcc libc6-dev pkg-config ca-certificates
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   mosquitto mosquitto-clients
-  python3 python3-pip unzip
+  python3 python3-pip
+  # kill, used by the tests to interrupt `patchflow run`.
+  procps
 )
 
 missing=()

@@ -17,6 +17,7 @@ export GST_PLUGIN_PATH="$PWD/target/release${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}
 echo "cargo fmt --check"
 cargo fmt --all -- --check
 echo "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# The release profile reuses the build scripts and proc macros of the release build.
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
 echo "cargo test (release)"
 cargo test --workspace --release --locked

@@ -107,6 +107,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(PatchFlow, ModelMeta), Mode
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| corrupt(e.to_string()))?;
     let weights = Weights::new(tensors, device, DType::F32)?;
+    weights.check_finite()?;
     let model = PatchFlow::new(&meta.config, &weights)?;
     Ok((model, meta))
 }

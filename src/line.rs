@@ -270,6 +270,8 @@ impl LineConfig {
                 "model.path {}: file not found; train one with `patchflow train`",
                 self.model.path
             ));
+        } else if let Err(e) = crate::checkpoint::read_meta(Path::new(&self.model.path)) {
+            p.push(format!("model.path {}: {e}", self.model.path));
         }
         if let Err(e) = crate::device::parse(&self.model.device) {
             p.push(format!("model.device: {e}"));
@@ -300,6 +302,11 @@ impl LineConfig {
                 if !location.contains('%') {
                     p.push(format!("source.location {location:?}: expected a numbered pattern such as frames/%05d.png"));
                 }
+                if image_decoder(location).is_none() {
+                    p.push(format!(
+                        "source.location {location:?}: expected .png, .jpg or .jpeg frames"
+                    ));
+                }
                 if *framerate == 0 {
                     p.push("source.framerate: must be at least 1".into());
                 }
@@ -315,6 +322,13 @@ impl LineConfig {
         if let Some(mqtt) = &self.mqtt {
             if let Err(e) = crate::mqtt::validate_url(&mqtt.url) {
                 p.push(format!("mqtt.url: {e}"));
+            }
+            if let Some(topic) = &mqtt.topic
+                && (topic.is_empty() || topic.contains(['+', '#', '\0']))
+            {
+                p.push(format!(
+                    "mqtt.topic {topic:?}: must be non-empty and contain no '+', '#' or NUL (wildcards are for subscribing)"
+                ));
             }
             if mqtt.qos > 2 {
                 p.push(format!("mqtt.qos {}: must be 0, 1 or 2", mqtt.qos));
@@ -345,10 +359,13 @@ impl LineConfig {
             SourceConfig::Images {
                 location,
                 framerate,
-            } => format!(
-                "multifilesrc location={} index=0 caps=\"image/png,framerate=(fraction){framerate}/1\" ! pngdec",
-                quote(location)
-            ),
+            } => {
+                let (caps, decoder) = image_decoder(location).unwrap_or(("image/png", "pngdec"));
+                format!(
+                    "multifilesrc location={} index=0 caps=\"{caps},framerate=(fraction){framerate}/1\" ! {decoder}",
+                    quote(location)
+                )
+            }
             SourceConfig::Uri { uri } => format!("uridecodebin uri={}", quote(uri)),
             SourceConfig::V4l2 { device } => format!("v4l2src device={}", quote(device)),
             SourceConfig::Test {
@@ -409,6 +426,19 @@ impl LineConfig {
     }
 }
 
+/// Caps and decoder for numbered image files, chosen by extension.
+fn image_decoder(location: &str) -> Option<(&'static str, &'static str)> {
+    let ext = Path::new(location)
+        .extension()?
+        .to_str()?
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "png" => Some(("image/png", "pngdec")),
+        "jpg" | "jpeg" => Some(("image/jpeg", "jpegdec")),
+        _ => None,
+    }
+}
+
 /// Quotes a value for the gst-launch syntax.
 fn quote(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
@@ -443,6 +473,17 @@ pub struct RunSummary {
     pub anomalous: u64,
     pub max_score: f64,
     pub inference_ms_total: f64,
+    /// The MQTT publisher's counters at the end, when the line publishes.
+    pub mqtt: Option<MqttSummary>,
+}
+
+/// MQTT publisher counters at the end of a run.
+#[derive(Debug, Default, Clone)]
+pub struct MqttSummary {
+    pub published: u64,
+    pub dropped: u64,
+    pub queued: u64,
+    pub connected: bool,
 }
 
 /// Loads a config and runs its line; see [`run_line`].
@@ -458,6 +499,20 @@ pub fn run_file(path: &Path) -> Result<ExitCode> {
         "line {}: {} frames scored, {} anomalous, max normalised score {:.3}, mean inference {:.1} ms",
         config.name, summary.frames, summary.anomalous, summary.max_score, mean_ms
     );
+    if let (Some(mqtt), Some(m)) = (&config.mqtt, &summary.mqtt) {
+        eprintln!(
+            "mqtt {}: {} messages published, {} dropped, {} still queued{}",
+            mqtt.url,
+            m.published,
+            m.dropped,
+            m.queued,
+            if m.connected {
+                ""
+            } else {
+                " (broker not connected at the end)"
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -492,16 +547,41 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
         });
     }
 
-    pipeline.set_state(gst::State::Playing).with_context(|| {
-        format!(
-            "cannot start line {}: {}",
-            config.name,
-            first_error(&pipeline).unwrap_or_default()
-        )
-    })?;
-    let result = watch_bus(&pipeline, &interrupted);
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        let reason = first_error(&pipeline).unwrap_or_default();
+        pipeline.set_state(gst::State::Null).ok();
+        bail!("cannot start line {}: {reason}", config.name);
+    }
+    let mut result = watch_bus(&pipeline, &interrupted);
+    if let Ok(summary) = &mut result {
+        summary.mqtt = mqtt_stats(&pipeline);
+    }
     pipeline.set_state(gst::State::Null).ok();
     result
+}
+
+/// Counters of the scorer's MQTT publisher, read before the pipeline stops.
+/// While connected, it waits up to 2 s for the queue to drain, so that messages still
+/// on their way at end of stream are not reported as stuck.
+fn mqtt_stats(pipeline: &gst::Pipeline) -> Option<MqttSummary> {
+    let scorer = pipeline.by_name(SCORER_NAME)?;
+    let read = || -> Option<MqttSummary> {
+        let stats = scorer.property::<gst::Structure>("mqtt-stats");
+        Some(MqttSummary {
+            published: stats.get::<u64>("published").ok()?,
+            dropped: stats.get::<u64>("dropped").ok()?,
+            queued: stats.get::<u64>("queued").ok()?,
+            connected: stats.get::<bool>("connected").ok()?,
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let summary = read()?;
+        if !summary.connected || summary.queued == 0 || Instant::now() > deadline {
+            return Some(summary);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn create_parent(path: &Path) -> Result<()> {

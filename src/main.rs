@@ -17,8 +17,8 @@ use patchflow::train::{self, TrainOptions};
 
 /// Find visual defects in images and live video with the PatchFlow anomaly model.
 ///
-/// Exit codes: 0 success, 1 runtime failure, 2 invalid arguments or configuration,
-/// 130 interrupted.
+/// Exit codes: 0 success (also after Ctrl-C or SIGTERM, which finish the stream), 1
+/// runtime failure, 2 invalid arguments, configuration or model file.
 #[derive(Debug, Parser)]
 #[command(name = "patchflow", version, about, long_about)]
 struct Cli {
@@ -271,9 +271,18 @@ fn device(arg: &DeviceArg) -> Result<candle_core::Device> {
     patchflow::device::parse(&arg.device).map_err(|e| UsageError(e.to_string()).into())
 }
 
+/// Creates the folder a file will be written to, before any long work starts.
+fn create_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn run_train(args: &TrainArgs) -> Result<()> {
     let cfg = model_config(args)?;
-    let mut images = train::list_images(&args.images)?;
+    let mut images = train::list_images(&args.images).map_err(|e| UsageError(format!("{e:#}")))?;
     if let Some(max) = args.max_images {
         images.truncate(max);
     }
@@ -287,6 +296,9 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         seed: args.seed,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    opts.validate()
+        .map_err(|e| UsageError(format!("invalid training settings: {e}")))?;
+    create_parent(&args.output)?;
     eprintln!(
         "training {} at {}x{} on {} images from {}",
         cfg.backbone,
@@ -317,6 +329,17 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn check_unit_range(flag: &str, value: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(UsageError(format!(
+            "invalid {flag} {value}: expected a value from 0 to 1"
+        ))
+        .into())
+    }
+}
+
 fn load_scorer(model: &Path, device_arg: &DeviceArg) -> Result<Scorer> {
     let device = device(device_arg)?;
     Scorer::load(model, &device)
@@ -331,12 +354,14 @@ fn run_predict(
     alpha: f32,
     device: &DeviceArg,
 ) -> Result<()> {
+    check_unit_range("--threshold", threshold)?;
+    check_unit_range("--alpha", alpha)?;
+    let files = collect_inputs(inputs).map_err(|e| UsageError(format!("{e:#}")))?;
     let scorer = load_scorer(model, device)?;
-    let files = collect_inputs(inputs)?;
-    for result in predict::predict(&scorer, &files, threshold, output_dir, alpha)? {
+    predict::predict_each(&scorer, &files, threshold, output_dir, alpha, |result| {
         println!("{}", serde_json::to_string(&result)?);
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 fn run_eval(
@@ -347,15 +372,15 @@ fn run_eval(
     report: Option<&Path>,
     device: &DeviceArg,
 ) -> Result<()> {
+    check_unit_range("--threshold", threshold)?;
+    let good_files = train::list_images(good).map_err(|e| UsageError(format!("{e:#}")))?;
+    let bad_files = train::list_images(anomalous).map_err(|e| UsageError(format!("{e:#}")))?;
+    if let Some(path) = report {
+        create_parent(path)?;
+    }
     let scorer = load_scorer(model, device)?;
-    let good_results = predict::predict(&scorer, &train::list_images(good)?, threshold, None, 0.0)?;
-    let bad_results = predict::predict(
-        &scorer,
-        &train::list_images(anomalous)?,
-        threshold,
-        None,
-        0.0,
-    )?;
+    let good_results = predict::predict(&scorer, &good_files, threshold, None, 0.0)?;
+    let bad_results = predict::predict(&scorer, &bad_files, threshold, None, 0.0)?;
     let summary = predict::evaluate(&good_results, &bad_results, threshold);
     let auroc = summary
         .image_auroc

@@ -2,6 +2,7 @@
 //! Scoring image files: per-image results, overlay images and a good-versus-anomalous
 //! evaluation.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -82,7 +83,70 @@ pub fn write_overlay(
     .with_context(|| format!("cannot write overlay {}", path.display()))
 }
 
-/// Scores every image, writing overlays into `overlay_dir` when given.
+/// A file name for the overlay of `path` that no earlier input in this run used: the
+/// file stem, prefixed with its folder's name and then numbered if that is taken too
+/// (MVTec-style folders repeat names such as `000.png`).
+fn overlay_name(path: &Path, used: &mut HashSet<String>) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let folder = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|s| s.to_str());
+    let mut candidates = vec![format!("{stem}_overlay.png")];
+    if let Some(folder) = folder {
+        candidates.push(format!("{folder}_{stem}_overlay.png"));
+    }
+    for name in candidates {
+        if used.insert(name.clone()) {
+            return name;
+        }
+    }
+    let base = folder.map_or_else(|| stem.to_string(), |f| format!("{f}_{stem}"));
+    (2..)
+        .map(|n| format!("{base}_{n}_overlay.png"))
+        .find(|name| used.insert(name.clone()))
+        .expect("an unused name exists")
+}
+
+/// Scores every image in order, writing overlays into `overlay_dir` when given, and
+/// hands each result to `on_result` as soon as it is ready.
+pub fn predict_each(
+    scorer: &Scorer,
+    files: &[PathBuf],
+    threshold: f32,
+    overlay_dir: Option<&Path>,
+    alpha: f32,
+    mut on_result: impl FnMut(ImageResult) -> Result<()>,
+) -> Result<()> {
+    if let Some(dir) = overlay_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    }
+    let mut used = HashSet::new();
+    for path in files {
+        let (score, chw, size) = score_file(scorer, path)?;
+        let overlay = match overlay_dir {
+            Some(dir) => {
+                let out = dir.join(overlay_name(path, &mut used));
+                write_overlay(&out, &chw, size, &score, alpha)?;
+                Some(out)
+            }
+            None => None,
+        };
+        let is_anomalous = score.is_anomalous(threshold);
+        on_result(ImageResult {
+            path: path.clone(),
+            score: score.score,
+            normalized_score: score.normalized_score,
+            is_anomalous,
+            label: if is_anomalous { "anomalous" } else { "normal" },
+            overlay,
+        })?;
+    }
+    Ok(())
+}
+
+/// Scores every image and collects the results; see [`predict_each`].
 pub fn predict(
     scorer: &Scorer,
     files: &[PathBuf],
@@ -90,32 +154,11 @@ pub fn predict(
     overlay_dir: Option<&Path>,
     alpha: f32,
 ) -> Result<Vec<ImageResult>> {
-    if let Some(dir) = overlay_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    }
     let mut results = Vec::with_capacity(files.len());
-    for path in files {
-        let (score, chw, size) = score_file(scorer, path)?;
-        let overlay = match overlay_dir {
-            Some(dir) => {
-                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-                let out = dir.join(format!("{stem}_overlay.png"));
-                write_overlay(&out, &chw, size, &score, alpha)?;
-                Some(out)
-            }
-            None => None,
-        };
-        let is_anomalous = score.is_anomalous(threshold);
-        results.push(ImageResult {
-            path: path.clone(),
-            score: score.score,
-            normalized_score: score.normalized_score,
-            is_anomalous,
-            label: if is_anomalous { "anomalous" } else { "normal" },
-            overlay,
-        });
-    }
+    predict_each(scorer, files, threshold, overlay_dir, alpha, |r| {
+        results.push(r);
+        Ok(())
+    })?;
     Ok(results)
 }
 
@@ -160,5 +203,21 @@ pub fn evaluate(good: &[ImageResult], anomalous: &[ImageResult], threshold: f32)
         false_positive: confusion.false_positive,
         true_negative: confusion.true_negative,
         false_negative: confusion.false_negative,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_names_do_not_collide() {
+        let mut used = HashSet::new();
+        let a = overlay_name(Path::new("test/crack/000.png"), &mut used);
+        let b = overlay_name(Path::new("test/good/000.png"), &mut used);
+        let c = overlay_name(Path::new("other/good/000.png"), &mut used);
+        assert_eq!(a, "000_overlay.png");
+        assert_eq!(b, "good_000_overlay.png");
+        assert_eq!(c, "good_000_2_overlay.png");
     }
 }

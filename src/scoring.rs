@@ -115,6 +115,12 @@ impl Scorer {
         let x = self.model.preprocess(chw, (h, w))?;
         let out = self.model.forward(&x)?;
         let score = out.score.flatten_all()?.to_vec1::<f32>()?[0];
+        if !score.is_finite() {
+            // A NaN score compares false with every threshold and would pass as normal.
+            candle_core::bail!(
+                "the model produced a non-finite score ({score}); its weights or this input are invalid"
+            );
+        }
         let (_, _, mh, mw) = out.anomaly_map.dims4()?;
         let stats = &self.meta.stats;
         let values = out

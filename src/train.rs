@@ -22,8 +22,9 @@ use crate::imageops::load_rgb_chw;
 use crate::model::{self, BACKBONE_PREFIX, ModelConfig, PatchFlow, Weights, flow};
 use crate::scoring::ScoreStats;
 
-/// Image file extensions that training and prediction pick up from a folder.
-pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+/// Image file extensions that training and prediction pick up from a folder: the
+/// formats this build decodes.
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 /// Training settings; the defaults are anomalib's optimiser settings.
 #[derive(Debug, Clone)]
@@ -52,6 +53,48 @@ impl Default for TrainOptions {
             threshold_quantile: 0.99,
             seed: 0,
             progress: true,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Checks every setting, so that a bad one fails before any work is done.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.epochs == 0 {
+            problems.push("epochs must be at least 1".to_string());
+        }
+        if self.batch_size == 0 {
+            problems.push("batch size must be at least 1".to_string());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            problems.push(format!(
+                "learning rate {} must be a positive number",
+                self.learning_rate
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            problems.push(format!(
+                "weight decay {} must be zero or positive",
+                self.weight_decay
+            ));
+        }
+        if !(self.holdout_fraction > 0.0 && self.holdout_fraction < 1.0) {
+            problems.push(format!(
+                "holdout share {} must be between 0 and 1 (exclusive)",
+                self.holdout_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.threshold_quantile) {
+            problems.push(format!(
+                "threshold quantile {} must be between 0 and 1",
+                self.threshold_quantile
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
         }
     }
 }
@@ -279,6 +322,8 @@ pub fn train(
     opts: &TrainOptions,
     device: &Device,
 ) -> Result<(PatchFlow, ModelMeta)> {
+    opts.validate()
+        .map_err(|e| anyhow::anyhow!("invalid training settings: {e}"))?;
     if images.len() < 2 {
         bail!(
             "training needs at least 2 good images (one to train on, one to calibrate the threshold), got {}",
@@ -394,6 +439,12 @@ pub fn calibrate(model: &PatchFlow, good: &[PathBuf], q: f64) -> Result<ScoreSta
         pixel_min = pixel_min.min(map.min(0)?.to_scalar::<f32>()?);
         pixel_max = pixel_max.max(map.max(0)?.to_scalar::<f32>()?);
     }
+    if let Some(bad) = scores.iter().position(|s| !s.is_finite()) {
+        bail!(
+            "the trained model gives a non-finite score on {}; training diverged: try a lower --lr",
+            good[bad].display()
+        );
+    }
     let threshold = quantile(&scores, q);
     let image_min = scores.iter().copied().fold(f32::INFINITY, f32::min);
     let image_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -417,6 +468,29 @@ mod tests {
         assert_eq!(quantile(&v, 0.0), 1.0);
         assert_eq!(quantile(&v, 1.0), 4.0);
         assert!((quantile(&v, 0.5) - 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn options_are_validated() {
+        assert!(TrainOptions::default().validate().is_ok());
+        let bad = TrainOptions {
+            epochs: 0,
+            batch_size: 0,
+            learning_rate: f64::NAN,
+            holdout_fraction: 1.5,
+            threshold_quantile: 2.0,
+            ..TrainOptions::default()
+        };
+        let err = bad.validate().unwrap_err();
+        for part in [
+            "epochs",
+            "batch size",
+            "learning rate",
+            "holdout",
+            "quantile",
+        ] {
+            assert!(err.contains(part), "{part} missing from {err}");
+        }
     }
 
     #[test]

@@ -204,12 +204,14 @@ threshold = 1.5
 colormap = "rainbow"
 [mqtt]
 url = "http://localhost"
+topic = "lines/#"
 "#,
     );
     let out = run(patchflow().arg("run").arg(&config));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     for field in [
+        "mqtt.topic",
         "name",
         "model.path",
         "scoring.threshold",
@@ -219,6 +221,52 @@ url = "http://localhost"
     ] {
         assert!(err.contains(field), "{field} missing from: {err}");
     }
+}
+
+#[test]
+fn run_rejects_damaged_model_as_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "name = \"x\"\n[source]\nkind = \"test\"\n[model]\npath = \"{}\"\n",
+            model.display()
+        ),
+    );
+    let out = run(patchflow().arg("run").arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.path"), "{err}");
+    assert!(!err.contains("CRITICAL"), "{err}");
+}
+
+#[test]
+fn run_plays_jpeg_frames() {
+    plugin_next_to_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let frames = dir.path().join("jpg");
+    std::fs::create_dir_all(&frames).unwrap();
+    let img = image::open(fixtures::image("gravel.png"))
+        .unwrap()
+        .to_rgb8();
+    for i in 0..3 {
+        let crop = image::imageops::crop_imm(&img, i * 50, 0, 96, 64).to_image();
+        crop.save(frames.join(format!("{i:03}.jpg"))).unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "name = \"jpeg\"\n[source]\nkind = \"images\"\nlocation = \"jpg/%03d.jpg\"\n[model]\npath = \"{}\"\n",
+            model.display()
+        ),
+    );
+    let out = run(patchflow().arg("run").arg(&config));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 frames scored"));
 }
 
 #[test]

@@ -226,6 +226,22 @@ fn missing_and_invalid_fields_are_named() {
 }
 
 #[test]
+fn non_finite_weights_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = saved_model(dir.path());
+    let edited = dir.path().join("edited.safetensors");
+    rewrite(&path, &edited, |t, _| {
+        let mut values = vec![0.1f32; 128];
+        values[17] = f32::NAN;
+        let bias = Tensor::from_vec(values, 128, &Device::Cpu).unwrap();
+        t.insert("feature_adaptor.bias".into(), bias);
+    });
+    let err = load_err(&edited);
+    assert!(matches!(err, ModelError::NonFinite { .. }), "{err:?}");
+    assert!(err.to_string().contains("feature_adaptor.bias"), "{err}");
+}
+
+#[test]
 fn broken_permutation_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = saved_model(dir.path());

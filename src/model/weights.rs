@@ -40,6 +40,10 @@ pub enum ModelError {
     UnknownBackbone { name: String, supported: String },
     #[error("invalid model configuration: {0}")]
     InvalidConfig(String),
+    #[error(
+        "tensor {name} contains NaN or infinite values; the model file is damaged or its training diverged: re-create it with `patchflow train`"
+    )]
+    NonFinite { name: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -131,6 +135,27 @@ impl Weights {
             running_var: self.get("running_var", &[channels])?,
             eps,
         })
+    }
+
+    /// Fails on the first floating-point tensor (in name order) that holds a NaN or an
+    /// infinity: such weights make every score NaN, which would read as "normal".
+    pub fn check_finite(&self) -> Result<(), ModelError> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &self.tensors[name];
+            if !t.dtype().is_float() {
+                continue;
+            }
+            let values = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?;
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(ModelError::NonFinite { name: name.clone() });
+            }
+        }
+        Ok(())
     }
 
     /// All full tensor names that start with this view's prefix.

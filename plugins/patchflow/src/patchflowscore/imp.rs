@@ -44,6 +44,10 @@ const MQTT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// this many, so that a long broker outage does not flood the log.
 const MQTT_DROP_LOG_INTERVAL: u64 = 100;
 
+/// A broker without connection for this long is reported once as a bus warning, which
+/// applications and `patchflow run` show; the video keeps flowing either way.
+const MQTT_OUTAGE_WARNING: Duration = Duration::from_secs(3);
+
 /// Packed 8-bit RGB formats, which the scorer reads and the overlay writes in place.
 const FORMATS: [gst_video::VideoFormat; 10] = [
     gst_video::VideoFormat::Rgb,
@@ -124,6 +128,12 @@ struct MqttOutput {
     source: String,
     /// Messages that `Publisher::publish` rejected, counted here for rate-limited logging.
     dropped: u64,
+    /// Broker URL, for the unreachable-broker warning.
+    url: String,
+    /// Since when the publisher has had no connection (counted from `start()`).
+    disconnected_since: Option<Instant>,
+    /// Whether the current outage was already reported as a bus warning.
+    outage_reported: bool,
 }
 
 /// Result of scoring one frame, as posted on the bus and sent over MQTT.
@@ -734,6 +744,9 @@ impl PatchflowScore {
             topic,
             source,
             dropped: 0,
+            url: settings.mqtt_url.clone(),
+            disconnected_since: Some(Instant::now()),
+            outage_reported: false,
         })
     }
 
@@ -761,6 +774,7 @@ impl PatchflowScore {
             report.threshold as f32,
             report.is_anomalous,
         );
+        self.check_mqtt_connection(mqtt);
         if !mqtt.publisher.publish(&mqtt.topic, message.to_json()) {
             mqtt.dropped += 1;
             if mqtt.dropped == 1 || mqtt.dropped % MQTT_DROP_LOG_INTERVAL == 0 {
@@ -779,6 +793,37 @@ impl PatchflowScore {
                     }
                 );
             }
+        }
+    }
+
+    /// Reports a broker outage once as a bus warning, and its end in the debug log.
+    fn check_mqtt_connection(&self, mqtt: &mut MqttOutput) {
+        let stats = mqtt.publisher.stats();
+        if stats.connected {
+            if mqtt.outage_reported {
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "MQTT broker {} is reachable again",
+                    mqtt.url
+                );
+            }
+            mqtt.disconnected_since = None;
+            mqtt.outage_reported = false;
+            return;
+        }
+        let since = *mqtt.disconnected_since.get_or_insert_with(Instant::now);
+        if !mqtt.outage_reported && since.elapsed() >= MQTT_OUTAGE_WARNING {
+            mqtt.outage_reported = true;
+            gst::element_imp_warning!(
+                self,
+                gst::ResourceError::OpenWrite,
+                (
+                    "MQTT broker {} is unreachable; scores are queued ({} so far) and dropped once the queue is full, and sending resumes when it comes back",
+                    mqtt.url,
+                    stats.queued
+                )
+            );
         }
     }
 
