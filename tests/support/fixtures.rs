@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Shared test inputs: the converted backbone weights and the committed images.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The EfficientNet-Lite0 weights that `scripts/setup.sh` converts, or
 /// `$PATCHFLOW_BACKBONE`.
@@ -17,9 +17,16 @@ pub fn backbone_path() -> PathBuf {
     path
 }
 
-/// A path relative to the repository root.
+/// A path relative to the repository root: the nearest folder above this crate's
+/// manifest that holds the workspace's `Cargo.lock`, so that the plugin crate's tests
+/// can include this file too.
 pub fn repo_path(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .unwrap_or(manifest);
+    root.join(relative)
 }
 
 /// One of the images committed under `tests/data`.

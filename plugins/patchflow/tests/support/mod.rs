@@ -12,6 +12,10 @@ use patchflow::model::ModelConfig;
 
 #[path = "../../../../tests/support/broker.rs"]
 pub mod broker;
+#[path = "../../../../tests/support/fixtures.rs"]
+pub mod fixtures;
+
+pub use fixtures::{backbone_path, repo_path};
 
 /// Initialises GStreamer and registers the plugin's elements, once per test process.
 pub fn init() {
@@ -22,31 +26,7 @@ pub fn init() {
     });
 }
 
-/// Resolves `relative` against the repository root.
-pub fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(relative)
-}
-
-/// Returns the path of the converted EfficientNet-Lite0 weights that `scripts/setup.sh`
-/// writes, or `$PATCHFLOW_BACKBONE`.
-///
-/// Panics with the set-up instruction when the file is missing.
-pub fn backbone_path() -> PathBuf {
-    let path = std::env::var_os("PATCHFLOW_BACKBONE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_path("data/weights/tf_efficientnet_lite0.safetensors"));
-    assert!(
-        path.is_file(),
-        "backbone weights {} not found: run scripts/setup.sh (or set PATCHFLOW_BACKBONE)",
-        path.display()
-    );
-    path
-}
-
-/// Small configuration for fast tests: 64x64 input at a single scale, because every
-/// scale must be at least 32 pixels on a side.
+/// Small configuration for fast tests: 64x64 input at a single scale.
 pub fn small_config() -> ModelConfig {
     ModelConfig {
         input_size: [64, 64],
