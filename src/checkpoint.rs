@@ -28,7 +28,7 @@ const KEY_BACKBONE: &str = "patchflow.backbone";
 const KEY_STATS: &str = "patchflow.stats";
 const KEY_TRAINING: &str = "patchflow.training";
 
-/// Where the backbone weights came from.
+/// Origin of the backbone weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackboneSource {
     /// timm model name.
@@ -39,7 +39,7 @@ pub struct BackboneSource {
     pub sha256: String,
 }
 
-/// How a model was trained.
+/// Training settings and results of a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingInfo {
     pub train_images: usize,

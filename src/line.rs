@@ -43,7 +43,7 @@ pub struct LineConfig {
     pub sink: SinkConfig,
 }
 
-/// Where frames come from.
+/// The video source of a line.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
@@ -138,7 +138,7 @@ pub struct MqttConfig {
     pub qos: u8,
 }
 
-/// Where the scored (and overlaid) video goes.
+/// The destination of the scored (and overlaid) video.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
@@ -344,7 +344,7 @@ impl LineConfig {
         p
     }
 
-    /// The MQTT topic of the per-frame messages.
+    /// Returns the MQTT topic of the per-frame messages.
     pub fn topic(&self) -> Option<String> {
         self.mqtt.as_ref().map(|m| {
             m.topic
@@ -353,7 +353,7 @@ impl LineConfig {
         })
     }
 
-    /// The pipeline in `gst-launch-1.0` syntax.
+    /// Builds the pipeline description in `gst-launch-1.0` syntax.
     pub fn pipeline_description(&self) -> String {
         let source = match &self.source {
             SourceConfig::Images {
@@ -537,8 +537,8 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     {
         let pipeline = pipeline.downgrade();
         let interrupted = interrupted.clone();
-        // A second handler cannot be installed; that only happens when a process runs
-        // several lines one after another, and the first handler keeps working for it.
+        // Installing a second handler fails when one process runs several lines one after
+        // another. The first handler still serves, so the error is ignored.
         let _ = ctrlc::set_handler(move || {
             interrupted.store(true, Ordering::SeqCst);
             if let Some(p) = pipeline.upgrade() {
@@ -592,7 +592,7 @@ fn create_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The first error message waiting on the bus, if any.
+/// Returns the first error message waiting on the bus, if any.
 fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
     let bus = pipeline.bus()?;
     while let Some(msg) = bus.pop() {

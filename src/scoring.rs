@@ -37,9 +37,9 @@ impl ScoreStats {
     }
 }
 
-/// anomalib's min-max normalisation around a threshold. A NaN threshold becomes the
-/// middle of the range; NaN bounds leave `x` unchanged; equal bounds give 1, 0 or 0.5
-/// for `x` above, below or at the threshold.
+/// Normalises like anomalib's min-max post-processor around a threshold. A NaN
+/// threshold becomes the middle of the range. NaN bounds leave `x` unchanged. Equal
+/// bounds give 1, 0 or 0.5 for `x` above, below or at the threshold.
 pub fn normalize(x: f32, threshold: f32, lo: f32, hi: f32) -> f32 {
     if lo.is_nan() || hi.is_nan() {
         return x;
@@ -73,7 +73,7 @@ pub struct FrameScore {
 }
 
 impl FrameScore {
-    /// Whether the normalised score exceeds `threshold` (0.5 is the model's own).
+    /// Tells whether the normalised score exceeds `threshold` (0.5 is the model's own).
     pub fn is_anomalous(&self, threshold: f32) -> bool {
         self.normalized_score > threshold
     }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::ops::{Activation, same_padding};
 
-/// The contiguous f32 data of an op's input.
+/// Returns the contiguous f32 data of an op's input.
 fn input<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
         CpuStorage::F32(v) => match layout.contiguous_offsets() {
@@ -136,7 +136,7 @@ impl CustomOp1 for DepthwiseSame {
             || vec![0f32; ph * pw],
             |padded, (plane, dst)| {
                 // Copying the plane into a zero border lets the inner loops run without
-                // bounds tests; the copy costs far less than the k*k passes over it.
+                // bounds tests, and the copy costs far less than the k*k passes over it.
                 let x = &src[plane * h * w..(plane + 1) * h * w];
                 for (y, row) in x.chunks_exact(w).enumerate() {
                     padded[(y + top) * pw + left..(y + top) * pw + left + w].copy_from_slice(row);

@@ -101,7 +101,7 @@ pub fn permutation_from_matrix(name: &str, w: &Tensor) -> Result<Vec<usize>, Mod
     Ok(perm)
 }
 
-/// The permutation matrix `w[i, perm[i]] = 1` with shape (C, C, 1, 1).
+/// Builds the permutation matrix `w[i, perm[i]] = 1` with shape (C, C, 1, 1).
 pub fn permutation_matrix(perm: &[usize], device: &Device) -> CandleResult<Tensor> {
     let c = perm.len();
     let mut data = vec![0f32; c * c];
@@ -155,7 +155,7 @@ impl FlowBlock {
             .clone()
     }
 
-    /// The channel permutation: output channel `i` is input channel `perm[i]`.
+    /// Returns the channel permutation: output channel `i` is input channel `perm[i]`.
     pub fn permutation(&self) -> &[usize] {
         &self.perm_index
     }
@@ -175,8 +175,8 @@ impl FlowBlock {
         h.maximum(&h.affine(0.2, 0.0)?)
     }
 
-    /// The subnet in eval mode, with the BatchNorm's running statistics folded into the
-    /// second convolution (the statistics can change between calls while training).
+    /// Runs the subnet in eval mode, with the BatchNorm's running statistics folded into
+    /// the second convolution. The fold happens per call because training moves them.
     fn subnet_eval(&self, x1: &Tensor) -> CandleResult<Tensor> {
         let (mean, var) = self.running_stats();
         let scale = (&self.bn_w / var.affine(1.0, BN_EPS)?.sqrt()?)?;

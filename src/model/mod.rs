@@ -4,7 +4,7 @@
 //!
 //! The backbone runs at `num_scales` input resolutions (`input / 2^s`, plain bilinear).
 //! Its stride-8, -16 and -32 feature maps are average-pooled (`patch_size`, zero padding
-//! counted), resized to the stride-8 grid and concatenated; a 1x1 adaptor with bias
+//! counted), resized to the stride-8 grid and concatenated. A 1x1 adaptor with bias
 //! maps them to `flow_feature_dim` channels, and a normalizing flow maps those to `z`.
 //! The anomaly map is `-exp(-0.5 mean_c z^2)` resized to the input, and the image score
 //! is its maximum.
@@ -100,7 +100,7 @@ impl PatchFlow {
         &self.weights
     }
 
-    /// Every tensor of the model under its file name, with the current running statistics.
+    /// Lists every tensor of the model under its file name, with the current running statistics.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
             .weights
@@ -171,7 +171,7 @@ impl PatchFlow {
         self.fuse(&self.extract(x)?)
     }
 
-    /// The 1x1 adaptor: (B, C_fused, Hg, Wg) -> (B, F, Hg, Wg).
+    /// Applies the 1x1 adaptor: (B, C_fused, Hg, Wg) -> (B, F, Hg, Wg).
     pub fn adapt(&self, fused: &Tensor) -> CandleResult<Tensor> {
         ops::pointwise(fused, &self.adaptor_w, Some(&self.adaptor_b))
     }

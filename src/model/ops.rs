@@ -129,7 +129,7 @@ impl ConvBn {
 }
 
 impl ConvBn {
-    /// The convolution without bias or activation, through the CPU matrix-product path.
+    /// Runs the convolution without bias or activation through the CPU matrix product.
     fn gemm(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let out_c = self.weight.dim(0)?;
@@ -181,9 +181,8 @@ impl Module for ConvBn {
     }
 }
 
-/// A "SAME" convolution with bias and activation for inference (no gradient), through
-/// the CPU matrix-product path when `x` is an f32 CPU tensor and candle's `conv2d`
-/// otherwise.
+/// Runs a "SAME" convolution with bias and activation for inference (no gradient). An
+/// f32 CPU input takes the matrix-product path, anything else candle's `conv2d`.
 pub fn conv_same(
     x: &Tensor,
     weight: &Tensor,
@@ -375,7 +374,7 @@ mod tests {
         let y = avg_pool_same(&x, 3)?;
         assert_eq!(y.dims4()?, (1, 1, 4, 4));
         let v = y.flatten_all()?.to_vec1::<f32>()?;
-        // A corner sees 4 of 9 ones, an edge 6 and the centre 9.
+        // The window covers 4 of 9 ones at a corner, 6 at an edge and 9 inside.
         assert!((v[0] - 4.0 / 9.0).abs() < 1e-6);
         assert!((v[1] - 6.0 / 9.0).abs() < 1e-6);
         assert!((v[5] - 1.0).abs() < 1e-6);
