@@ -113,6 +113,8 @@ pub struct ScoringConfig {
     pub overlay: bool,
     pub alpha: f64,
     pub colormap: String,
+    /// Score every Nth frame; the frames in between get the last heatmap.
+    pub interval: u32,
 }
 
 impl Default for ScoringConfig {
@@ -122,6 +124,7 @@ impl Default for ScoringConfig {
             overlay: true,
             alpha: 0.5,
             colormap: "jet".into(),
+            interval: 1,
         }
     }
 }
@@ -288,6 +291,12 @@ impl LineConfig {
                 self.scoring.alpha
             ));
         }
+        if !(1..=1000).contains(&self.scoring.interval) {
+            p.push(format!(
+                "scoring.interval {}: must be from 1 (every frame) to 1000",
+                self.scoring.interval
+            ));
+        }
         if !["jet", "hot"].contains(&self.scoring.colormap.as_str()) {
             p.push(format!(
                 "scoring.colormap {:?}: expected jet or hot",
@@ -386,13 +395,14 @@ impl LineConfig {
         };
         let s = &self.scoring;
         let mut scorer = format!(
-            "patchflowscore name={SCORER_NAME} model={} device={} threshold={} overlay={} alpha={} colormap={}",
+            "patchflowscore name={SCORER_NAME} model={} device={} threshold={} overlay={} alpha={} colormap={} scoring-interval={}",
             quote(&self.model.path),
             quote(&self.model.device),
             s.threshold,
             s.overlay,
             s.alpha,
-            s.colormap
+            s.colormap,
+            s.interval
         );
         if let (Some(mqtt), Some(topic)) = (&self.mqtt, self.topic()) {
             scorer.push_str(&format!(
@@ -473,6 +483,8 @@ pub struct RunSummary {
     pub anomalous: u64,
     pub max_score: f64,
     pub inference_ms_total: f64,
+    /// Frames passed on without scoring because of `scoring.interval`.
+    pub skipped: u64,
     /// The MQTT publisher's counters at the end, when the line publishes.
     pub mqtt: Option<MqttSummary>,
 }
@@ -496,8 +508,8 @@ pub fn run_file(path: &Path) -> Result<ExitCode> {
         0.0
     };
     eprintln!(
-        "line {}: {} frames scored, {} anomalous, max normalised score {:.3}, mean inference {:.1} ms",
-        config.name, summary.frames, summary.anomalous, summary.max_score, mean_ms
+        "line {}: {} frames scored, {} skipped, {} anomalous, max normalised score {:.3}, mean inference {:.1} ms",
+        config.name, summary.frames, summary.skipped, summary.anomalous, summary.max_score, mean_ms
     );
     if let (Some(mqtt), Some(m)) = (&config.mqtt, &summary.mqtt) {
         eprintln!(
@@ -555,6 +567,9 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     let mut result = watch_bus(&pipeline, &interrupted);
     if let Ok(summary) = &mut result {
         summary.mqtt = mqtt_stats(&pipeline);
+        if let Some(scorer) = pipeline.by_name(SCORER_NAME) {
+            summary.skipped = scorer.property::<u64>("frames-skipped");
+        }
     }
     pipeline.set_state(gst::State::Null).ok();
     result

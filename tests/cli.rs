@@ -174,7 +174,12 @@ folder = "frames"
         .arg(&config)
         .env("PATCHFLOW_TEST_BROKER", broker.url()));
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("8 frames scored"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("8 frames scored, 0 skipped"), "{stderr}");
+    assert!(
+        stderr.contains("8 messages published, 0 dropped, 0 still queued"),
+        "{stderr}"
+    );
 
     let frames: Vec<_> = std::fs::read_dir(dir.path().join("frames"))
         .unwrap()
@@ -260,13 +265,13 @@ fn run_plays_jpeg_frames() {
     let config = write_config(
         dir.path(),
         &format!(
-            "name = \"jpeg\"\n[source]\nkind = \"images\"\nlocation = \"jpg/%03d.jpg\"\n[model]\npath = \"{}\"\n",
+            "name = \"jpeg\"\n[source]\nkind = \"images\"\nlocation = \"jpg/%03d.jpg\"\n[scoring]\ninterval = 2\n[model]\npath = \"{}\"\n",
             model.display()
         ),
     );
     let out = run(patchflow().arg("run").arg(&config));
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("3 frames scored"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 frames scored, 1 skipped"));
 }
 
 #[test]

@@ -336,6 +336,40 @@ fn overlay_changes_pixels() {
 }
 
 #[test]
+fn scoring_interval_skips_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let scorer = Scorer::new(&model, &[("scoring-interval", "3"), ("alpha", "0.5")]);
+    let info = video_info("RGB", 96, 64);
+    let rgb = cropped_image("gravel.png", 96, 64);
+    let input = image_buffer(&info, &rgb, 0);
+    let original = map_bytes(&input);
+    let mut harness = scorer.harness(&info);
+
+    for i in 0..7u64 {
+        let mut buffer = input.copy();
+        buffer
+            .get_mut()
+            .unwrap()
+            .set_pts(gst::ClockTime::from_mseconds(40 * i));
+        let output = map_bytes(&harness.push_and_pull(buffer).unwrap());
+        // Skipped frames still get the last heatmap drawn on them.
+        assert_ne!(output, original, "frame {i} has no overlay");
+    }
+
+    let frames: Vec<u64> = (0..3)
+        .map(|_| scorer.next_report().get::<u64>("frame").unwrap())
+        .collect();
+    assert_eq!(frames, vec![0, 3, 6]);
+    let extra = scorer.bus.timed_pop_filtered(
+        gst::ClockTime::from_mseconds(200),
+        &[gst::MessageType::Element],
+    );
+    assert!(extra.is_none(), "a skipped frame posted a message");
+    assert_eq!(scorer.element.property::<u64>("frames-skipped"), 4);
+}
+
+#[test]
 fn overlay_keeps_alpha_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let model = support::write_model(dir.path(), &support::small_config());

@@ -15,7 +15,7 @@ use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
-use patchflow::imageops::{PackedFrame, PixelLayout, blend_heatmap};
+use patchflow::imageops::{HeatMap, PackedFrame, PixelLayout, blend_heatmap};
 use patchflow::mqtt::{MqttSettings, Publisher, frame_message};
 use patchflow::scoring::Scorer;
 
@@ -36,6 +36,9 @@ const DEFAULT_ALPHA: f64 = 0.5;
 const DEFAULT_COLORMAP: Colormap = Colormap::Jet;
 const DEFAULT_MQTT_URL: &str = "";
 const DEFAULT_MQTT_QOS: u32 = 0;
+const DEFAULT_SCORING_INTERVAL: u32 = 1;
+/// Upper bound of `scoring-interval`; beyond it the reused heatmap would be meaningless.
+const MAX_SCORING_INTERVAL: u32 = 1000;
 
 /// Time that `stop()` gives the MQTT publisher to send what is queued and disconnect.
 const MQTT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -74,6 +77,7 @@ struct Settings {
     /// `None` means `patchflow/<element name>/score`.
     mqtt_topic: Option<String>,
     mqtt_qos: u32,
+    scoring_interval: u32,
 }
 
 impl Default for Settings {
@@ -88,6 +92,7 @@ impl Default for Settings {
             mqtt_url: DEFAULT_MQTT_URL.to_owned(),
             mqtt_topic: None,
             mqtt_qos: DEFAULT_MQTT_QOS,
+            scoring_interval: DEFAULT_SCORING_INTERVAL,
         }
     }
 }
@@ -100,6 +105,7 @@ struct FrameSettings {
     overlay: bool,
     alpha: f64,
     colormap: Colormap,
+    scoring_interval: u32,
 }
 
 impl From<&Settings> for FrameSettings {
@@ -109,15 +115,20 @@ impl From<&Settings> for FrameSettings {
             overlay: settings.overlay,
             alpha: settings.alpha,
             colormap: settings.colormap,
+            scoring_interval: settings.scoring_interval,
         }
     }
 }
 
-/// The loaded model and the frame counter, from `start()` to `stop()`.
+/// The loaded model and the frame counters, from `start()` to `stop()`.
 struct State {
     scorer: Scorer,
-    /// Number of frames scored since `start()`, which is also the next frame's number.
+    /// Number of frames seen since `start()`, which is also the next frame's number.
     frame_count: u64,
+    /// Frames passed on without scoring because of `scoring-interval`.
+    frames_skipped: u64,
+    /// Heatmap of the last scored frame, drawn on the frames in between.
+    last_heat: Option<HeatMap>,
 }
 
 /// The running MQTT publisher, from `start()` to `stop()`.
@@ -205,6 +216,27 @@ impl ObjectImpl for PatchflowScore {
                     .maximum(1.0)
                     .default_value(DEFAULT_THRESHOLD)
                     .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("scoring-interval")
+                    .nick("Scoring interval")
+                    .blurb(
+                        "Score every Nth frame (1 scores every frame). The frames in between \
+                         pass through with the last heatmap drawn on them and without a bus or \
+                         MQTT message, so that a source faster than the model is not slowed \
+                         down as much.",
+                    )
+                    .minimum(1)
+                    .maximum(MAX_SCORING_INTERVAL)
+                    .default_value(DEFAULT_SCORING_INTERVAL)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("frames-skipped")
+                    .nick("Frames skipped")
+                    .blurb(
+                        "Frames passed on without scoring because of scoring-interval, since \
+                         the element started.",
+                    )
+                    .read_only()
                     .build(),
                 glib::ParamSpecBoolean::builder("overlay")
                     .nick("Overlay")
@@ -306,6 +338,17 @@ impl ObjectImpl for PatchflowScore {
                 );
                 settings.device = device;
             }
+            "scoring-interval" => {
+                let interval = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing scoring-interval from {} to {}",
+                    settings.scoring_interval,
+                    interval
+                );
+                settings.scoring_interval = interval;
+            }
             "threshold" => {
                 let threshold = value.get().expect("type checked upstream");
                 gst::info!(
@@ -403,6 +446,12 @@ impl ObjectImpl for PatchflowScore {
                 .to_value(),
             "device" => settings.device.to_value(),
             "threshold" => settings.threshold.to_value(),
+            "scoring-interval" => settings.scoring_interval.to_value(),
+            "frames-skipped" => {
+                drop(settings);
+                let state = self.state.lock().unwrap();
+                state.as_ref().map_or(0u64, |s| s.frames_skipped).to_value()
+            }
             "overlay" => settings.overlay.to_value(),
             "alpha" => settings.alpha.to_value(),
             "colormap" => settings.colormap.to_value(),
@@ -483,6 +532,8 @@ impl BaseTransformImpl for PatchflowScore {
         *self.state.lock().unwrap() = Some(State {
             scorer,
             frame_count: 0,
+            frames_skipped: 0,
+            last_heat: None,
         });
         *self.mqtt.lock().unwrap() = mqtt;
         Ok(())
@@ -555,6 +606,30 @@ impl VideoFilterImpl for PatchflowScore {
         let frame_number = state.frame_count;
         state.frame_count += 1;
 
+        let interval = u64::from(settings.scoring_interval.max(1));
+        if frame_number % interval != 0
+            && let Some(heat) = state.last_heat.clone()
+        {
+            state.frames_skipped += 1;
+            drop(state_guard);
+            gst::trace!(
+                CAT,
+                imp = self,
+                "Frame {} not scored (scoring-interval {})",
+                frame_number,
+                interval
+            );
+            self.draw_overlay(
+                frame,
+                &settings,
+                &heat,
+                frame_number,
+                (width, height, stride),
+                layout,
+            )?;
+            return Ok(gst::FlowSuccess::Ok);
+        }
+
         let data = frame.plane_data(0).map_err(|err| {
             gst::element_imp_error!(
                 self,
@@ -572,6 +647,9 @@ impl VideoFilterImpl for PatchflowScore {
             layout,
         });
         let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Ok(score) = &result {
+            state.last_heat = Some(score.heat.clone());
+        }
         drop(state_guard);
 
         let score = result.map_err(|err| {
@@ -584,24 +662,14 @@ impl VideoFilterImpl for PatchflowScore {
         })?;
 
         let overlay_started = Instant::now();
-        if settings.overlay && settings.alpha > 0.0 {
-            let data = frame.plane_data_mut(0).map_err(|err| {
-                gst::element_imp_error!(
-                    self,
-                    gst::StreamError::Failed,
-                    ("Failed to map frame {} for writing: {}", frame_number, err)
-                );
-                gst::FlowError::Error
-            })?;
-            blend_heatmap(
-                data,
-                (width, height, stride),
-                layout,
-                &score.heat,
-                settings.colormap.into(),
-                settings.alpha as f32,
-            );
-        }
+        self.draw_overlay(
+            frame,
+            &settings,
+            &score.heat,
+            frame_number,
+            (width, height, stride),
+            layout,
+        )?;
         let overlay_ms = overlay_started.elapsed().as_secs_f64() * 1e3;
 
         let report = FrameReport {
@@ -633,6 +701,38 @@ impl VideoFilterImpl for PatchflowScore {
 }
 
 impl PatchflowScore {
+    /// Blends `heat` onto the frame when the overlay is on.
+    fn draw_overlay(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        settings: &FrameSettings,
+        heat: &HeatMap,
+        frame_number: u64,
+        geometry: (usize, usize, usize),
+        layout: PixelLayout,
+    ) -> Result<(), gst::FlowError> {
+        if !settings.overlay || settings.alpha <= 0.0 {
+            return Ok(());
+        }
+        let data = frame.plane_data_mut(0).map_err(|err| {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("Failed to map frame {} for writing: {}", frame_number, err)
+            );
+            gst::FlowError::Error
+        })?;
+        blend_heatmap(
+            data,
+            geometry,
+            layout,
+            heat,
+            settings.colormap.into(),
+            settings.alpha as f32,
+        );
+        Ok(())
+    }
+
     /// Loads the model file named by the `model` property onto the `device` property.
     fn load_model(&self, settings: &Settings) -> Result<Scorer, gst::ErrorMessage> {
         let Some(path) = settings.model.as_ref() else {
