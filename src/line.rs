@@ -16,6 +16,9 @@ use anyhow::{Context, Result, bail};
 use gst::prelude::*;
 use serde::Deserialize;
 
+/// A commented config with every setting, printed by `patchflow config example`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../configs/example.toml");
+
 /// Name of the scoring element inside every line pipeline.
 const SCORER_NAME: &str = "scorer";
 
@@ -695,6 +698,16 @@ mod tests {
                 .contains("PATCHFLOW_TEST_UNSET_X")
         );
         assert!(expand_env("${OPEN").is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let value: toml::Value = toml::from_str(EXAMPLE_CONFIG).unwrap();
+        let config: LineConfig = value.try_into().unwrap();
+        assert_eq!(config.name, "line-1");
+        assert_eq!(config.scoring.interval, 1);
+        assert!(matches!(config.source, SourceConfig::Test { .. }));
+        assert!(matches!(config.sink, SinkConfig::None));
     }
 
     #[test]

@@ -100,6 +100,20 @@ enum Command {
         /// Line config file (see configs/).
         config: PathBuf,
     },
+    /// Validate line configs or print a commented example.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a line config and list every invalid field with the reason (exit code 2).
+    Check {
+        /// Line config file.
+        config: PathBuf,
+    },
+    /// Print a commented config with every setting.
+    Example,
 }
 
 #[derive(Debug, Args)]
@@ -161,8 +175,8 @@ struct TrainArgs {
     /// Output model file.
     #[arg(short, long)]
     output: PathBuf,
-    /// Starting configuration: lite0 (EfficientNet-Lite0, 256x256) or b5
-    /// (tf_efficientnet_b5, 768x768, anomalib's default).
+    /// Starting configuration: lite0 (EfficientNet-Lite0, 256x256), b5
+    /// (tf_efficientnet_b5, 768x768, anomalib's default) or resnet18 (256x256).
     #[arg(long, default_value = "lite0")]
     preset: String,
     /// Model input size in pixels: SIZE for a square or HEIGHTxWIDTH.
@@ -241,7 +255,7 @@ fn parse_size(text: &str, what: &str) -> Result<[usize; 2]> {
 fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
     let mut cfg = ModelConfig::preset(&args.preset).ok_or_else(|| {
         UsageError(format!(
-            "unknown preset {:?}: expected lite0 or b5",
+            "unknown preset {:?}: expected lite0, b5 or resnet18",
             args.preset
         ))
     })?;
@@ -543,6 +557,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Info { model } => run_info(model)?,
         Command::Bench(args) => run_bench(args)?,
         Command::Run { config } => return patchflow::line::run_file(config),
+        Command::Config(ConfigCommand::Example) => print!("{}", patchflow::line::EXAMPLE_CONFIG),
+        Command::Config(ConfigCommand::Check { config }) => {
+            let line = patchflow::line::LineConfig::load(config)?;
+            println!("{}: valid", config.display());
+            println!("pipeline: {}", line.pipeline_description());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -275,6 +275,46 @@ fn run_plays_jpeg_frames() {
 }
 
 #[test]
+fn config_check_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "name = \"a/b\"\n[source]\nkind = \"test\"\nframerate = 0\n[model]\npath = \"none.safetensors\"\n[scoring]\ninterval = 0\nalpha = 2.0\n",
+    );
+    let out = run(patchflow().args(["config", "check"]).arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "name",
+        "source.framerate",
+        "model.path",
+        "scoring.interval",
+        "scoring.alpha",
+    ] {
+        assert!(err.contains(field), "{field} missing from: {err}");
+    }
+}
+
+#[test]
+fn config_example_checks_apart_from_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(patchflow().args(["config", "example"]));
+    assert!(out.status.success());
+    let example = String::from_utf8(out.stdout).unwrap();
+    let model = small_model(dir.path());
+    let config = write_config(
+        dir.path(),
+        &example.replace(
+            "../data/demo/model.safetensors",
+            &model.display().to_string(),
+        ),
+    );
+    let out = run(patchflow().args(["config", "check"]).arg(&config));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("patchflowscore name=scorer"));
+}
+
+#[test]
 fn run_rejects_unknown_fields() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
