@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Numerical parity with anomalib 2.7.0's PatchFlow on EfficientNet backbones.
+//! Numerical parity with anomalib 2.7.0's PatchFlow on EfficientNet and ResNet backbones.
 //!
 //! `scripts/reference/make_fixtures.py` built anomalib's `PatchflowModel` with weights
 //! from the deterministic generator (`patchflow::model::synthetic`) and saved its
@@ -259,6 +259,16 @@ fn b0_non_square_two_steps_matches_anomalib() {
 #[test]
 fn lite0_crop_matches_anomalib() {
     check_model_case("lite0_crop");
+}
+
+#[test]
+fn resnet18_non_square_matches_anomalib() {
+    check_model_case("resnet18_80x48");
+}
+
+#[test]
+fn wide_resnet50_2_matches_anomalib() {
+    check_model_case("wide_resnet50_2_32");
 }
 
 #[derive(serde::Deserialize)]

@@ -42,8 +42,11 @@ tensor                                 range
 ``*.se.conv_expand.bias``              [1, 3]
 other 1-D ``*.weight`` (BatchNorm)     [0.5, 1.5]
 other 1-D ``*.bias``                   [-0.1, 0.1]
+``backbone.layer*.conv2.weight``,      +-sqrt(1 / fan_in)
+``backbone.layer*.conv3.weight``
 ``backbone.*.weight`` except           +-sqrt(6 / fan_in)
-``*.conv_pwl.weight``
+``*.conv_pwl.weight`` and
+``*.downsample.0.weight``
 any other weight (4-D)                 +-sqrt(3 / fan_in)
 =====================================  ==========================================
 
@@ -55,7 +58,15 @@ gate near sigmoid(2) ~ 0.88 instead of 0.5, which would halve the output of ever
 block. With unit gain everywhere the B0 features shrink to about 0.1 and the map
 crowds near -1, and with Kaiming bounds on ``conv_pwl`` too they grow to about 100
 and the map saturates at 0. With the ranges above the features stay O(1) to O(10),
-and on the committed fixtures the map lies between about -0.97 and -0.48.
+and on the committed fixtures the map lies between about -0.98 and -0.48.
+
+The ResNet rules (``layer*`` and ``downsample`` names, which no EfficientNet tensor
+has) exist because generated running statistics do not normalise anything. With
+Kaiming bounds on every convolution, each residual block adds a branch as large as
+its input, and the wide_resnet50_2 features reach about 3.5e4 on a 64x64 input. The
+small bound on the residual branch's later convolutions and unit gain on the
+projection shortcut keep the ResNet-18, -34 and wide ResNet-50 features at most
+about 40 (measured on a 96x64 random input).
 
 ``w_perm`` of shape (C, C, 1, 1) is the permutation ``perm`` that sorts ``key_0 ..
 key_{C-1}`` of its own name in ascending order (stable): ``w_perm[i, perm[i]] = 1``.
@@ -151,6 +162,39 @@ MODEL_CASES = [
         "norm": HALF,
         "images": ["coffee.png"],
     },
+    {
+        # timm ResNet-18 (BasicBlock, symmetric padding, max-pool stem) on a
+        # non-square input with odd sizes inside: layer2 is 10x6, 5x3 and 3x2 at the
+        # three scales, layer4 3x2, 2x1 and 1x1.
+        "name": "resnet18_80x48",
+        "backbone": "resnet18",
+        "input_size": [80, 48],
+        "crop_size": None,
+        "num_scales": 3,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 128,
+        "flow_hidden_dim": 128,
+        "resize": "antialias",
+        "norm": IMAGENET,
+        "images": ["chelsea.png"],
+    },
+    {
+        # timm wide_resnet50_2 (Bottleneck, width x2). The fused features have
+        # 2 x 3584 channels, so the input is small to keep the fixture small.
+        "name": "wide_resnet50_2_32",
+        "backbone": "wide_resnet50_2",
+        "input_size": [32, 32],
+        "crop_size": None,
+        "num_scales": 2,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 64,
+        "flow_hidden_dim": 64,
+        "resize": "bilinear",
+        "norm": IMAGENET,
+        "images": ["gravel.png"],
+    },
 ]
 
 # Pre-processing only: a 451x300 RGB photo to other sizes with both resize paths,
@@ -173,6 +217,10 @@ SAMPLED_TENSORS = [
     "backbone.blocks.1.0.bn1.running_var",
     "backbone.blocks.1.0.se.conv_expand.bias",
     "backbone.blocks.6.0.conv_pwl.weight",
+    "backbone.conv1.weight",
+    "backbone.layer1.0.conv2.weight",
+    "backbone.layer2.0.downsample.0.weight",
+    "backbone.layer3.0.conv3.weight",
     "feature_adaptor.bias",
     "flow.module_list.0.global_scale",
     "flow.module_list.0.subnet.2.weight",
@@ -243,8 +291,14 @@ def value_range(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     if len(shape) < 2 or not name.endswith(".weight"):
         raise ValueError(f"no generator rule for tensor {name} with shape {shape}")
     fan_in = math.prod(shape[1:])
-    kaiming = name.startswith("backbone.") and not name.endswith(".conv_pwl.weight")
-    bound = math.sqrt((6.0 if kaiming else 3.0) / fan_in)
+    if name.startswith("backbone.layer") and name.endswith((".conv2.weight", ".conv3.weight")):
+        gain = 1.0
+    elif name.startswith("backbone.") and not name.endswith(
+            (".conv_pwl.weight", ".downsample.0.weight")):
+        gain = 6.0
+    else:
+        gain = 3.0
+    bound = math.sqrt(gain / fan_in)
     return -bound, bound
 
 

@@ -89,11 +89,22 @@ impl ModelConfig {
         }
     }
 
-    /// Looks a preset up by name (`lite0`, `b5`) or by backbone name.
+    /// timm ResNet-18 at 256x256 with ImageNet normalisation, the input size of
+    /// anomalib's FastFlow default with the same backbone.
+    pub fn resnet18() -> Self {
+        Self {
+            backbone: "resnet18".into(),
+            preprocess: Preprocess::imagenet(),
+            ..Self::lite0()
+        }
+    }
+
+    /// Looks a preset up by name (`lite0`, `b5`, `resnet18`) or by backbone name.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "lite0" | "tf_efficientnet_lite0" => Some(Self::lite0()),
             "b5" | "tf_efficientnet_b5" => Some(Self::b5()),
+            "resnet18" => Some(Self::resnet18()),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::ops::{Activation, same_padding};
+use super::ops::{Activation, Padding, same_padding};
 
 /// Returns the contiguous f32 data of an op's input.
 fn input<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -59,11 +59,12 @@ impl CustomOp1 for BiasActivation {
     }
 }
 
-/// `x + bias[c] + residual` over two NCHW tensors of the same shape: the end of an
-/// inverted-residual block, where candle's own addition spins in its thread barrier.
+/// `act(x + bias[c] + residual)` over two NCHW tensors of the same shape: the end of a
+/// residual block, where candle's own addition spins in its thread barrier.
 #[derive(Debug, Clone)]
 pub struct BiasResidual {
     pub bias: Vec<f32>,
+    pub activation: Activation,
 }
 
 impl CustomOp2 for BiasResidual {
@@ -95,7 +96,7 @@ impl CustomOp2 for BiasResidual {
             .for_each(|(plane, (dst, (x, r)))| {
                 let bias = self.bias[plane % c];
                 for ((d, a), b) in dst.iter_mut().zip(x).zip(r) {
-                    *d = a + bias + b;
+                    *d = self.activation.apply_scalar(a + bias + b);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -172,26 +173,28 @@ impl CustomOp1 for DepthwiseSame {
     }
 }
 
-/// Unfolds "SAME"-padded k x k patches into columns: (B, C, H, W) ->
+/// Unfolds zero-padded k x k patches into columns: (B, C, H, W) ->
 /// (B, C*k*k, OH*OW), row order (c, ky, kx) as PyTorch's weight layout.
 #[derive(Debug, Clone)]
-pub struct Im2ColSame {
+pub struct Im2Col {
     pub kernel: usize,
     pub stride: usize,
+    pub padding: Padding,
 }
 
-impl CustomOp1 for Im2ColSame {
+impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
-        "im2col-same"
+        "im2col"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
         let src = input(self.name(), storage, layout)?;
         let (k, s) = (self.kernel, self.stride);
-        let (top, _) = same_padding(h, k, s);
-        let (left, _) = same_padding(w, k, s);
-        let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+        let top = self.padding.before(h, k, s);
+        let left = self.padding.before(w, k, s);
+        let oh = self.padding.output_size(h, k, s);
+        let ow = self.padding.output_size(w, k, s);
         let mut out = vec![0f32; b * c * k * k * oh * ow];
         out.par_chunks_mut(oh * ow)
             .enumerate()

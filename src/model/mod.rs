@@ -9,21 +9,23 @@
 //! The anomaly map is `-exp(-0.5 mean_c z^2)` resized to the input, and the image score
 //! is its maximum.
 
+pub mod backbone;
 pub mod config;
 mod cpu;
 pub mod efficientnet;
 pub mod flow;
 pub mod ops;
+pub mod resnet;
 pub mod synthetic;
 pub mod weights;
 
 use candle_core::{D, DType, Device, Result as CandleResult, Tensor};
 
+pub use backbone::{Backbone, BackboneConfig};
 pub use config::{ModelConfig, Preprocess};
 pub use weights::{ModelError, Weights};
 
 use crate::imageops::ResizeMode;
-use efficientnet::{EfficientNet, EfficientNetConfig, FEATURE_STAGES};
 use flow::{BlockDims, Flow};
 
 /// Key prefixes of the three parts of a model file.
@@ -44,7 +46,7 @@ pub struct Inference {
 #[derive(Debug)]
 pub struct PatchFlow {
     config: ModelConfig,
-    backbone: EfficientNet,
+    backbone: Backbone,
     adaptor_w: Tensor,
     adaptor_b: Tensor,
     flow: Flow,
@@ -57,7 +59,7 @@ impl PatchFlow {
     pub fn new(config: &ModelConfig, weights: &Weights) -> Result<Self, ModelError> {
         config.validate().map_err(ModelError::InvalidConfig)?;
         let backbone_cfg = backbone_config(&config.backbone)?;
-        let backbone = EfficientNet::load(&weights.pp(BACKBONE_PREFIX), &backbone_cfg)?;
+        let backbone = Backbone::load(&weights.pp(BACKBONE_PREFIX), &backbone_cfg)?;
         let fused = fused_channels(config, &backbone_cfg);
         let f = config.flow_feature_dim;
         let adaptor = weights.pp(ADAPTOR_PREFIX);
@@ -86,7 +88,7 @@ impl PatchFlow {
         self.adaptor_w.device()
     }
 
-    pub fn backbone(&self) -> &EfficientNet {
+    pub fn backbone(&self) -> &Backbone {
         &self.backbone
     }
 
@@ -124,13 +126,13 @@ impl PatchFlow {
     /// Size (H, W) of the stride-8 grid that the flow works on.
     pub fn grid_size(&self) -> (usize, usize) {
         let [h, w] = self.config.internal_size();
-        let stride = self.backbone.config().stage_reduction(FEATURE_STAGES[0]);
+        let stride = self.backbone.min_stride();
         (h / stride, w / stride)
     }
 
     /// Channels of the fused multi-scale features (the adaptor's input).
     pub fn fused_channels(&self) -> usize {
-        fused_channels(&self.config, self.backbone.config())
+        fused_channels(&self.config, &self.backbone.config())
     }
 
     /// Backbone features of a normalised input (B, 3, H, W), scale-major:
@@ -145,7 +147,7 @@ impl PatchFlow {
             } else {
                 ops::resize(&x, (h >> s, w >> s), ResizeMode::Bilinear)?
             };
-            feats.extend(self.backbone.features(&xs, &FEATURE_STAGES)?);
+            feats.extend(self.backbone.features(&xs)?);
         }
         Ok(feats)
     }
@@ -250,19 +252,15 @@ impl PatchFlow {
 }
 
 /// Looks the backbone architecture up by its timm name.
-pub fn backbone_config(name: &str) -> Result<EfficientNetConfig, ModelError> {
-    EfficientNetConfig::from_name(name).ok_or_else(|| ModelError::UnknownBackbone {
+pub fn backbone_config(name: &str) -> Result<BackboneConfig, ModelError> {
+    BackboneConfig::from_name(name).ok_or_else(|| ModelError::UnknownBackbone {
         name: name.to_string(),
-        supported: EfficientNetConfig::supported_names().join(", "),
+        supported: BackboneConfig::supported_names().join(", "),
     })
 }
 
-fn fused_channels(config: &ModelConfig, backbone: &EfficientNetConfig) -> usize {
-    config.num_scales
-        * backbone
-            .stage_channels(&FEATURE_STAGES)
-            .iter()
-            .sum::<usize>()
+fn fused_channels(config: &ModelConfig, backbone: &BackboneConfig) -> usize {
+    config.num_scales * backbone.stage_channels().iter().sum::<usize>()
 }
 
 /// Untrained adaptor and flow tensors for `config`, named as [`PatchFlow::new`] expects.

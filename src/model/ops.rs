@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Tensor operations that candle lacks or does slowly: TensorFlow "SAME" padding,
 //! depthwise convolution, 1x1 convolution as a matrix product, bilinear resize with
-//! half-pixel centres and zero-padded average pooling.
+//! half-pixel centres, zero-padded average pooling and `-inf`-padded max pooling.
 
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -14,6 +14,33 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
     let out = input.div_ceil(stride);
     let total = ((out - 1) * stride + kernel).saturating_sub(input);
     (total / 2, total - total / 2)
+}
+
+/// Padding rule of a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// TensorFlow "SAME": `ceil(input / stride)` outputs, the odd pixel after.
+    Same,
+    /// PyTorch's `padding=(k - 1) / 2` on both sides, as timm's ResNets use.
+    Symmetric,
+}
+
+impl Padding {
+    /// Padding before the first sample of one axis.
+    pub fn before(self, input: usize, kernel: usize, stride: usize) -> usize {
+        match self {
+            Padding::Same => same_padding(input, kernel, stride).0,
+            Padding::Symmetric => (kernel - 1) / 2,
+        }
+    }
+
+    /// Number of output samples on one axis.
+    pub fn output_size(self, input: usize, kernel: usize, stride: usize) -> usize {
+        match self {
+            Padding::Same => input.div_ceil(stride),
+            Padding::Symmetric => (input + 2 * ((kernel - 1) / 2) - kernel) / stride + 1,
+        }
+    }
 }
 
 /// Pads the two spatial axes of an NCHW tensor with zeros for a "SAME" convolution.
@@ -32,6 +59,7 @@ pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     None,
+    Relu,
     Relu6,
     Silu,
     /// LeakyReLU with slope [`LEAKY_SLOPE`], as in the flow's coupling subnet.
@@ -46,6 +74,7 @@ impl Activation {
     pub fn apply_scalar(self, v: f32) -> f32 {
         match self {
             Activation::None => v,
+            Activation::Relu => v.max(0.0),
             Activation::Relu6 => v.clamp(0.0, 6.0),
             Activation::Silu => v / (1.0 + (-v).exp()),
             Activation::LeakyRelu => v.max(LEAKY_SLOPE * v),
@@ -57,6 +86,7 @@ impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::None => Ok(x.clone()),
+            Activation::Relu => x.relu(),
             Activation::Relu6 => x.clamp(0f32, 6f32),
             Activation::Silu => x.silu(),
             Activation::LeakyRelu => x.maximum(&x.affine(LEAKY_SLOPE as f64, 0.0)?),
@@ -67,7 +97,8 @@ impl Module for Activation {
 /// A convolution with a bias (BatchNorm already folded in) and a fused activation.
 ///
 /// Depthwise and 1x1 convolutions take dedicated paths on the CPU; everything else uses
-/// candle's `conv2d`. Padding follows TensorFlow's "SAME" rule.
+/// candle's `conv2d`. Padding follows TensorFlow's "SAME" rule unless
+/// [`ConvBn::with_padding`] changes it.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     weight: Tensor,
@@ -75,6 +106,7 @@ pub struct ConvBn {
     kernel: usize,
     stride: usize,
     groups: usize,
+    padding: Padding,
     activation: Activation,
     cpu: Option<CpuConv>,
 }
@@ -122,9 +154,21 @@ impl ConvBn {
             kernel,
             stride,
             groups,
+            padding: Padding::Same,
             activation,
             cpu,
         })
+    }
+
+    /// Switches the layer to another padding rule.
+    pub fn with_padding(mut self, padding: Padding) -> Self {
+        self.padding = padding;
+        // The depthwise kernel implements "SAME" padding only, so other rules take
+        // candle's grouped `conv2d`.
+        if padding != Padding::Same && matches!(self.cpu, Some(CpuConv::Depthwise(_))) {
+            self.cpu = None;
+        }
+        self
     }
 }
 
@@ -137,29 +181,55 @@ impl ConvBn {
         let (cols, oh, ow) = if self.kernel == 1 && self.stride == 1 {
             (x.reshape((b, c, h * w))?, h, w)
         } else {
-            let op = cpu::Im2ColSame {
+            let op = cpu::Im2Col {
                 kernel: self.kernel,
                 stride: self.stride,
+                padding: self.padding,
             };
             let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
-            (cols, h.div_ceil(self.stride), w.div_ceil(self.stride))
+            let (k, s) = (self.kernel, self.stride);
+            let oh = self.padding.output_size(h, k, s);
+            let ow = self.padding.output_size(w, k, s);
+            (cols, oh, ow)
         };
         let w2 = self.weight.reshape((out_c, ()))?;
         w2.broadcast_matmul(&cols)?.reshape((b, out_c, oh, ow))
     }
 
-    /// `forward(x) + residual`, fused on the CPU for layers without activation.
+    /// `activation(conv(x) + bias + residual)`: the activation follows the addition, as
+    /// at the end of a ResNet block. Fused on the CPU.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match &self.cpu {
-            Some(CpuConv::Gemm(op)) if op.activation == Activation::None => {
+            Some(CpuConv::Gemm(op)) => {
                 let bias = cpu::BiasResidual {
                     bias: op.bias.clone(),
+                    activation: op.activation,
                 };
                 self.gemm(x)?
                     .apply_op2_no_bwd(&residual.contiguous()?, &bias)
             }
-            _ => self.forward(x)? + residual,
+            _ => self
+                .activation
+                .forward(&(self.forward_linear(x)? + residual)?),
         }
+    }
+
+    /// Convolution plus bias without the activation, through candle's ops.
+    fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernel == 1 && self.stride == 1 && self.groups == 1 {
+            return pointwise(x, &self.weight, Some(&self.bias));
+        }
+        let y = match self.padding {
+            Padding::Same => {
+                let x = pad_same(x, self.kernel, self.stride)?;
+                x.conv2d(&self.weight, 0, self.stride, 1, self.groups)?
+            }
+            Padding::Symmetric => {
+                let pad = (self.kernel - 1) / 2;
+                x.conv2d(&self.weight, pad, self.stride, 1, self.groups)?
+            }
+        };
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
 
@@ -170,14 +240,7 @@ impl Module for ConvBn {
             Some(CpuConv::Gemm(op)) => return self.gemm(x)?.apply_op1_no_bwd(op),
             None => {}
         }
-        let y = if self.kernel == 1 && self.stride == 1 && self.groups == 1 {
-            pointwise(x, &self.weight, Some(&self.bias))?
-        } else {
-            let x = pad_same(x, self.kernel, self.stride)?;
-            let y = x.conv2d(&self.weight, 0, self.stride, 1, self.groups)?;
-            y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
-        };
-        self.activation.forward(&y)
+        self.activation.forward(&self.forward_linear(x)?)
     }
 }
 
@@ -197,6 +260,7 @@ pub fn conv_same(
         kernel,
         stride,
         groups: 1,
+        padding: Padding::Same,
         activation,
         cpu: if x.device().is_cpu() && x.dtype() == DType::F32 {
             Some(CpuConv::Gemm(cpu::BiasActivation {
@@ -258,6 +322,25 @@ pub fn avg_pool_same(x: &Tensor, kernel: usize) -> Result<Tensor> {
     let pad = kernel / 2;
     let x = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
     x.avg_pool2d_with_stride((kernel, kernel), (1, 1))
+}
+
+/// `MaxPool2d(kernel, stride, padding)` with PyTorch's semantics: the border is padded
+/// with `-inf`, so padding never wins a window, and the output has
+/// `(input + 2 padding - kernel) / stride + 1` samples per axis.
+pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let x = if padding == 0 {
+        x.clone()
+    } else {
+        let pad = |t: &Tensor, dim: usize| -> Result<Tensor> {
+            let mut shape = t.dims().to_vec();
+            shape[dim] = padding;
+            let border = Tensor::full(f32::NEG_INFINITY, shape.as_slice(), t.device())?
+                .to_dtype(t.dtype())?;
+            Tensor::cat(&[&border, t, &border], dim)
+        };
+        pad(&pad(x, 2)?, 3)?
+    };
+    x.max_pool2d_with_stride((kernel, kernel), (stride, stride))
 }
 
 /// Centre crop of the spatial axes: `top = (H - h) / 2`, `left = (W - w) / 2`.
@@ -349,6 +432,62 @@ mod tests {
             let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "size {size} k {k} s {s}: {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn symmetric_conv_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (size, k, s) in [
+            (16usize, 7usize, 2usize),
+            (15, 7, 2),
+            (9, 3, 1),
+            (10, 3, 2),
+            (9, 1, 2),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, size, size + 1), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (5, 3, k, k), &dev)?;
+            let bn = bn_identity(5, &dev)?;
+            let layer =
+                ConvBn::fold(&w, &bn, s, 1, Activation::Relu)?.with_padding(Padding::Symmetric);
+            assert!(matches!(layer.cpu, Some(CpuConv::Gemm(_))));
+            let fast = layer.forward(&x)?;
+            let reference = x.conv2d(&w, (k - 1) / 2, s, 1, 1)?.relu()?;
+            assert_eq!(fast.dims(), reference.dims(), "size {size} k {k} s {s}");
+            let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "size {size} k {k} s {s}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn residual_applies_activation_after_sum() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 5, 6), &dev)?;
+        let residual = Tensor::randn(0f32, 1.0, (1, 4, 5, 6), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (4, 4, 3, 3), &dev)?;
+        let layer = ConvBn::fold(&w, &bn_identity(4, &dev)?, 1, 1, Activation::Relu)?
+            .with_padding(Padding::Symmetric);
+        let fused = layer.forward_residual(&x, &residual)?;
+        let reference = (x.conv2d(&w, 1, 1, 1, 1)? + &residual)?.relu()?;
+        let diff = (fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn max_pool_ignores_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        // All values negative: zero padding would win at the borders, -inf never does.
+        let data: Vec<f32> = (0..25).map(|i| -1.0 - i as f32).collect();
+        let x = Tensor::from_vec(data, (1, 1, 5, 5), &dev)?;
+        let y = max_pool(&x, 3, 2, 1)?;
+        assert_eq!(y.dims4()?, (1, 1, 3, 3));
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[8], -19.0);
+        let even = Tensor::zeros((1, 1, 6, 4), DType::F32, &dev)?;
+        assert_eq!(max_pool(&even, 3, 2, 1)?.dims4()?, (1, 1, 3, 2));
         Ok(())
     }
 

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The frozen feature extractor, whichever timm family it comes from. anomalib's
+//! `TimmFeatureExtractor` uses `out_indices=[2, 3, 4]` for every CNN backbone, which is
+//! the stride-8, -16 and -32 outputs in both families.
+
+use candle_core::{Result as CandleResult, Tensor};
+
+use super::efficientnet::{self, EfficientNet, EfficientNetConfig};
+use super::resnet::{self, ResNet, ResNetConfig};
+use super::weights::{ModelError, Weights};
+
+/// Architecture of a backbone, looked up by its timm name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackboneConfig {
+    EfficientNet(EfficientNetConfig),
+    ResNet(ResNetConfig),
+}
+
+impl BackboneConfig {
+    /// Builds the architecture for a timm model name such as `tf_efficientnet_b5` or
+    /// `resnet18`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        EfficientNetConfig::from_name(name)
+            .map(Self::EfficientNet)
+            .or_else(|| ResNetConfig::from_name(name).map(Self::ResNet))
+    }
+
+    /// Names accepted by [`BackboneConfig::from_name`].
+    pub fn supported_names() -> Vec<String> {
+        let mut names = EfficientNetConfig::supported_names();
+        names.extend(ResNetConfig::supported_names());
+        names
+    }
+
+    /// timm model name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::EfficientNet(cfg) => &cfg.name,
+            Self::ResNet(cfg) => &cfg.name,
+        }
+    }
+
+    /// Channels of the three feature maps, finest first.
+    pub fn stage_channels(&self) -> Vec<usize> {
+        match self {
+            Self::EfficientNet(cfg) => cfg.stage_channels(&efficientnet::FEATURE_STAGES),
+            Self::ResNet(cfg) => cfg.stage_channels(&resnet::FEATURE_LAYERS),
+        }
+    }
+
+    /// Stride of the finest feature map, which sets the flow grid: anomalib's
+    /// `min(feature_extractor.reductions)`.
+    pub fn min_stride(&self) -> usize {
+        match self {
+            Self::EfficientNet(cfg) => cfg.stage_reduction(efficientnet::FEATURE_STAGES[0]),
+            Self::ResNet(cfg) => cfg.stage_reduction(resnet::FEATURE_LAYERS[0]),
+        }
+    }
+
+    /// Lists the names (timm keys, no prefix) and shapes of the tensors that
+    /// [`Backbone::load`] reads.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Self::EfficientNet(cfg) => cfg.tensor_shapes(),
+            Self::ResNet(cfg) => cfg.tensor_shapes(),
+        }
+    }
+}
+
+/// A loaded backbone of either family.
+#[derive(Debug, Clone)]
+pub enum Backbone {
+    EfficientNet(EfficientNet),
+    ResNet(ResNet),
+}
+
+impl Backbone {
+    /// Loads the backbone from timm-named weights.
+    pub fn load(w: &Weights, config: &BackboneConfig) -> Result<Self, ModelError> {
+        Ok(match config {
+            BackboneConfig::EfficientNet(cfg) => Self::EfficientNet(EfficientNet::load(w, cfg)?),
+            BackboneConfig::ResNet(cfg) => Self::ResNet(ResNet::load(w, cfg)?),
+        })
+    }
+
+    /// Returns the architecture this backbone was built with.
+    pub fn config(&self) -> BackboneConfig {
+        match self {
+            Self::EfficientNet(net) => BackboneConfig::EfficientNet(net.config().clone()),
+            Self::ResNet(net) => BackboneConfig::ResNet(net.config().clone()),
+        }
+    }
+
+    /// Returns the stride-8, -16 and -32 feature maps of a normalised input.
+    pub fn features(&self, x: &Tensor) -> CandleResult<Vec<Tensor>> {
+        match self {
+            Self::EfficientNet(net) => net.features(x, &efficientnet::FEATURE_STAGES),
+            Self::ResNet(net) => net.features(x, &resnet::FEATURE_LAYERS),
+        }
+    }
+
+    /// Channels of the three feature maps, finest first.
+    pub fn stage_channels(&self) -> Vec<usize> {
+        self.config().stage_channels()
+    }
+
+    /// Stride of the finest feature map.
+    pub fn min_stride(&self) -> usize {
+        self.config().min_stride()
+    }
+}
