@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{ModelConfig, PatchFlow, Weights, synthetic};
 
 /// Named configurations the benchmark knows.
-pub const CONFIGS: [&str; 2] = ["lite0", "b5"];
+pub const CONFIGS: [&str; 3] = ["lite0", "b5", "resnet18"];
 
 /// Builds the model of a named configuration with deterministic synthetic weights.
 /// Speed does not depend on the weight values, and synthetic weights let every
@@ -328,7 +328,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("vgg"), "{err}");
-        assert!(err.contains("lite0, b5"), "{err}");
+        assert!(err.contains("lite0, b5, resnet18"), "{err}");
     }
 
     #[test]

@@ -118,7 +118,8 @@ enum ConfigCommand {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// Configurations to measure: lite0 (256x256, 3 scales), b5 (768x768, 3 scales).
+    /// Configurations to measure: lite0 (256x256, 3 scales), b5 (768x768, 3 scales),
+    /// resnet18 (256x256, 3 scales).
     #[arg(long, value_delimiter = ',', default_value = "lite0")]
     configs: Vec<String>,
     /// Batch sizes.

@@ -25,6 +25,7 @@ import time
 CONFIGS = {
     "lite0": {"backbone": "tf_efficientnet_lite0", "input_size": (256, 256)},
     "b5": {"backbone": "tf_efficientnet_b5", "input_size": (768, 768)},
+    "resnet18": {"backbone": "resnet18", "input_size": (256, 256)},
 }
 
 
