@@ -473,7 +473,7 @@ pub fn ensure_element() -> Result<()> {
     }
     if gst::ElementFactory::find("patchflowscore").is_none() {
         bail!(
-            "the GStreamer element patchflowscore was not found: build it with `cargo build --release -p gst-plugin-patchflow` and set GST_PLUGIN_PATH to the folder that holds libgstpatchflow.so"
+            "the GStreamer element patchflowscore was not found: build it with `cargo build --release -p gst-plugin-patchflow` and set GST_PLUGIN_PATH to the folder that contains libgstpatchflow.so"
         );
     }
     Ok(())
@@ -497,6 +497,7 @@ pub struct RunSummary {
 pub struct MqttSummary {
     pub published: u64,
     pub dropped: u64,
+    /// Messages neither published nor dropped yet.
     pub queued: u64,
     pub connected: bool,
 }
@@ -569,7 +570,7 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     }
     let mut result = watch_bus(&pipeline, &interrupted);
     if let Ok(summary) = &mut result {
-        summary.mqtt = mqtt_stats(&pipeline);
+        summary.mqtt = mqtt_stats(&pipeline, summary.frames);
         if let Some(scorer) = pipeline.by_name(SCORER_NAME) {
             summary.skipped = scorer.property::<u64>("frames-skipped");
         }
@@ -578,17 +579,20 @@ pub fn run_line(config: &LineConfig) -> Result<RunSummary> {
     result
 }
 
-/// Counters of the scorer's MQTT publisher, read before the pipeline stops.
-/// While connected, it waits up to 2 s for the queue to drain, so that messages still
-/// on their way at end of stream are not reported as stuck.
-fn mqtt_stats(pipeline: &gst::Pipeline) -> Option<MqttSummary> {
+/// Reads the counters of the scorer's MQTT publisher before the pipeline stops. Each
+/// of the `sent` scored frames queued one message, so the messages neither published
+/// nor dropped are still on their way, including those the publisher thread took from
+/// its queue but has not written yet. While connected, it waits up to 2 s for them.
+fn mqtt_stats(pipeline: &gst::Pipeline, sent: u64) -> Option<MqttSummary> {
     let scorer = pipeline.by_name(SCORER_NAME)?;
     let read = || -> Option<MqttSummary> {
         let stats = scorer.property::<gst::Structure>("mqtt-stats");
+        let published = stats.get::<u64>("published").ok()?;
+        let dropped = stats.get::<u64>("dropped").ok()?;
         Some(MqttSummary {
-            published: stats.get::<u64>("published").ok()?,
-            dropped: stats.get::<u64>("dropped").ok()?,
-            queued: stats.get::<u64>("queued").ok()?,
+            published,
+            dropped,
+            queued: sent.saturating_sub(published + dropped),
             connected: stats.get::<bool>("connected").ok()?,
         })
     };
