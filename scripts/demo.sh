@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT OR Apache-2.0
-# Sets up the machine and runs the demo end to end on real solar-cell images:
-# trains a model on good ELPV cells, measures image AUROC on held-out good and
-# defective cells, starts a mosquitto broker on a free loopback port, and runs
-# configs/demo.toml: a video of held-out cells through patchflowscore, written with
-# the heatmap overlay to demo-output/overlay.avi while the scores go to the broker.
+# Sets up the machine and runs the demo end to end on real solar-cell images. It
+# trains a model on good ELPV cells and measures image AUROC on held-out good and
+# defective cells. Then it starts a mosquitto broker on a free loopback port and runs
+# configs/demo.toml, a video of held-out cells through patchflowscore. The video is
+# written with the heatmap overlay to demo-output/overlay.avi while the scores go to
+# the broker.
 #
-# Outputs in demo-output/: overlay.avi, overlays/*.png, eval.txt, eval.json,
-# mqtt.log (every message the broker delivered), train.log, run.log.
+# Outputs in demo-output/: overlay.avi, overlays/*.png, predict.jsonl, eval.txt,
+# eval.json, mqtt.log (every message the broker delivered), train.log, run.log.
 # Environment: DEMO_EPOCHS (default 10), DEMO_RETRAIN=1 to train again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

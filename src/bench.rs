@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, PatchFlow, Weights, synthetic};
 
-/// Named configurations the benchmark knows.
+/// Named configurations the benchmark accepts.
 pub const CONFIGS: [&str; 3] = ["lite0", "b5", "resnet18"];
 
 /// Builds the model of a named configuration with deterministic synthetic weights.
@@ -83,7 +83,7 @@ pub struct Budget {
 }
 
 /// Times forward passes of `model` on a fixed input batch after `budget.warmup` untimed
-/// ones. The input is a deterministic pattern, not zeros, so that no layer sees a
+/// ones. The input is a deterministic pattern, not zeros, so that no layer gets a
 /// degenerate all-constant map.
 pub fn measure(model: &PatchFlow, name: &str, batch: usize, budget: Budget) -> Result<BenchResult> {
     if batch == 0 {

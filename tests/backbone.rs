@@ -17,7 +17,7 @@ fn lite0() -> EfficientNet {
     EfficientNet::load(&weights, &cfg).unwrap()
 }
 
-/// The image at 224x224, normalised with the Lite weights' mean and std of 0.5.
+/// Loads the image at 224x224, normalised with the Lite weights' mean and std of 0.5.
 fn input(name: &str) -> Tensor {
     let (chw, h, w) = load_rgb_chw(&fixtures::image(name)).unwrap();
     let mut data = resize_planes(&chw, 3, (h, w), (224, 224), ResizeMode::Antialias);

@@ -56,7 +56,7 @@ fn texture_crops(name: &str, dir: &Path, count: usize) {
     }
 }
 
-/// An untrained 64x64 model file, enough to exercise the pipeline.
+/// Writes an untrained 64x64 model file, enough to exercise the pipeline.
 fn small_model(dir: &Path) -> PathBuf {
     let cfg = ModelConfig {
         input_size: [64, 64],

@@ -17,7 +17,7 @@ const DIMS: BlockDims = BlockDims {
 const H: usize = 2;
 const W: usize = 3;
 
-/// A two-block flow with non-trivial global scales, offsets and BatchNorm statistics,
+/// Builds a two-block flow with non-trivial global scales, offsets and BatchNorm statistics,
 /// so that every term of the log-determinant matters.
 fn test_flow() -> Flow {
     let dev = Device::Cpu;

@@ -105,15 +105,11 @@ fn model_file_round_trip() {
     let after: HashMap<_, _> = loaded.tensors().into_iter().collect();
     assert_eq!(before.len(), after.len());
     for (name, t) in &before {
-        let diff = (t - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name} changed");
+        assert_eq!(
+            support::tensors::max_abs_diff(t, &after[name]),
+            0.0,
+            "{name} changed"
+        );
     }
     let (chw, h, w) = load_rgb_chw(&fixtures::image("gravel.png")).unwrap();
     let a = Scorer::new(model, meta).score_chw(&chw, (h, w)).unwrap();

@@ -20,6 +20,7 @@ use patchflow::model::synthetic::{
 };
 use patchflow::model::{ModelConfig, PatchFlow, Preprocess, Weights};
 use support::fixtures;
+use support::tensors::max_abs_diff;
 
 /// Largest absolute difference allowed between the port and anomalib, for every
 /// compared tensor except the log-determinant.
@@ -75,19 +76,6 @@ impl Fixture {
         serde_json::from_str(text)
             .unwrap_or_else(|e| panic!("fixture {} metadata {key} is invalid: {e}", self.name))
     }
-}
-
-fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
-    (actual - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Asserts that `actual` has the shape of `expected` and is within [`MAX_ABS_DIFF`].

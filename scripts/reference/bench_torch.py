@@ -38,12 +38,12 @@ def peak_rss_mib() -> float:
 
 
 def median(values):
-    """The element at index n / 2 of the sorted values, as the Rust benchmark takes it."""
+    """Return the element at index n / 2 of the sorted values, as the Rust benchmark does."""
     return sorted(values)[len(values) // 2]
 
 
 def percentile(values, p):
-    """The nearest-rank percentile, as the Rust benchmark takes it."""
+    """Return the nearest-rank percentile, as the Rust benchmark does."""
     ordered = sorted(values)
     rank = max(1, min(len(ordered), math.ceil(p * len(ordered))))
     return ordered[rank - 1]

@@ -12,7 +12,7 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations.
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// How a frame becomes the model's input tensor: resize to `input_size`, then
+/// Pre-processing from a frame to the model's input tensor: resize to `input_size`, then
 /// `(x - mean) / std` per channel on [0, 1] values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
@@ -64,7 +64,7 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The CPU default: EfficientNet-Lite0 at 256x256 with 3 scales.
+    /// Returns the CPU default: EfficientNet-Lite0 at 256x256 with 3 scales.
     pub fn lite0() -> Self {
         Self {
             backbone: "tf_efficientnet_lite0".into(),

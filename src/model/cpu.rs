@@ -2,10 +2,10 @@
 //! CPU kernels for the frozen backbone, as candle custom ops (inference only, f32,
 //! contiguous NCHW input).
 //!
-//! candle 0.11's broadcast binary ops and its `conv2d` are slow for these shapes: on a
-//! 96x128x128 map, a broadcast bias add plus the two-pass clamp of ReLU6 took 22 ms
-//! against 1.8 ms for the 1x1 convolution's matrix product itself, and the stem's
-//! 3x3/s2 `conv2d` took 25 ms. These kernels do the same work in one pass per plane.
+//! candle 0.11's broadcast binary ops and its `conv2d` are slow for these shapes. On a
+//! 96x128x128 map, a broadcast bias add plus the two-pass clamp of ReLU6 took 22 ms,
+//! against 1.8 ms for the 1x1 convolution's matrix product itself. The stem's 3x3/s2
+//! `conv2d` took 25 ms. These kernels do the same work in one pass per plane.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};

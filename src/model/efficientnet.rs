@@ -379,7 +379,7 @@ impl EfficientNet {
         })
     }
 
-    /// The architecture this network was built with.
+    /// Returns the architecture this network was built with.
     pub fn config(&self) -> &EfficientNetConfig {
         &self.config
     }

@@ -96,7 +96,7 @@ impl PatchFlow {
         &self.flow
     }
 
-    /// The weights this model was built from. Flow BatchNorm running statistics may have
+    /// Returns the weights this model was built from. Flow BatchNorm running statistics may have
     /// moved on since (see [`PatchFlow::tensors`]).
     pub fn weights(&self) -> &Weights {
         &self.weights

@@ -312,7 +312,7 @@ impl ResNet {
         })
     }
 
-    /// The architecture this network was built with.
+    /// Returns the architecture this network was built with.
     pub fn config(&self) -> &ResNetConfig {
         &self.config
     }

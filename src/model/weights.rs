@@ -78,7 +78,7 @@ impl Weights {
         })
     }
 
-    /// A view whose names are prefixed with `name.`.
+    /// Returns a view whose names are prefixed with `name.`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() {
             name.to_string()
@@ -91,7 +91,7 @@ impl Weights {
         }
     }
 
-    /// The full tensor name of `name` under this view.
+    /// Returns the full tensor name of `name` under this view.
     pub fn full_name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()
@@ -100,7 +100,7 @@ impl Weights {
         }
     }
 
-    /// Whether a tensor exists under this view.
+    /// Tells whether a tensor exists under this view.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(&self.full_name(name))
     }
@@ -137,7 +137,7 @@ impl Weights {
         })
     }
 
-    /// Fails on the first floating-point tensor (in name order) that holds a NaN or an
+    /// Fails on the first floating-point tensor (in name order) that contains a NaN or an
     /// infinity: such weights make every score NaN, which would read as "normal".
     pub fn check_finite(&self) -> Result<(), ModelError> {
         let mut names: Vec<&String> = self.tensors.keys().collect();
@@ -158,7 +158,7 @@ impl Weights {
         Ok(())
     }
 
-    /// All full tensor names that start with this view's prefix.
+    /// Lists the full tensor names that start with this view's prefix.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .tensors
@@ -170,7 +170,7 @@ impl Weights {
         names
     }
 
-    /// The tensor map behind every view.
+    /// Returns the tensor map behind every view.
     pub fn tensors(&self) -> &HashMap<String, Tensor> {
         &self.tensors
     }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// The EfficientNet-Lite0 weights that `scripts/setup.sh` converts, or
+/// Returns the EfficientNet-Lite0 weights that `scripts/setup.sh` converts, or
 /// `$PATCHFLOW_BACKBONE`.
 pub fn backbone_path() -> PathBuf {
     let path = std::env::var_os("PATCHFLOW_BACKBONE")
@@ -18,7 +18,7 @@ pub fn backbone_path() -> PathBuf {
 }
 
 /// A path relative to the repository root: the nearest folder above this crate's
-/// manifest that holds the workspace's `Cargo.lock`, so that the plugin crate's tests
+/// manifest that contains the workspace's `Cargo.lock`, so that the plugin crate's tests
 /// can include this file too.
 pub fn repo_path(relative: &str) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -29,7 +29,7 @@ pub fn repo_path(relative: &str) -> PathBuf {
     root.join(relative)
 }
 
-/// One of the images committed under `tests/data`.
+/// Returns the path of an image committed under `tests/data`.
 pub fn image(name: &str) -> PathBuf {
     repo_path(&format!("tests/data/{name}"))
 }
