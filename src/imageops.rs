@@ -269,7 +269,7 @@ impl Colormap {
     }
 }
 
-/// A single-channel map of values in [0, 1], row-major.
+/// A single-channel map, row-major. Blending expects values in [0, 1].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeatMap {
     pub width: usize,

@@ -16,6 +16,8 @@ use anyhow::{Context, Result, bail};
 use gst::prelude::*;
 use serde::Deserialize;
 
+use crate::scoring::{ScoreDomain, Threshold};
+
 /// A commented config with every setting, printed by `patchflow config example`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../configs/example.toml");
 
@@ -111,8 +113,10 @@ fn default_device() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
-    /// Normalised score above which a frame is anomalous; 0.5 is the model's threshold.
+    /// Score above which a frame is anomalous, on the scale of `threshold_domain`.
     pub threshold: f64,
+    /// `normalized` (0.5 is the model's threshold), `raw` or `log`.
+    pub threshold_domain: String,
     pub overlay: bool,
     pub alpha: f64,
     pub colormap: String,
@@ -124,6 +128,7 @@ impl Default for ScoringConfig {
     fn default() -> Self {
         Self {
             threshold: 0.5,
+            threshold_domain: "normalized".into(),
             overlay: true,
             alpha: 0.5,
             colormap: "jet".into(),
@@ -282,11 +287,13 @@ impl LineConfig {
         if let Err(e) = crate::device::parse(&self.model.device) {
             p.push(format!("model.device: {e}"));
         }
-        if !(0.0..=1.0).contains(&self.scoring.threshold) {
-            p.push(format!(
-                "scoring.threshold {}: must be between 0 and 1",
-                self.scoring.threshold
-            ));
+        match self.scoring.threshold_domain.parse::<ScoreDomain>() {
+            Ok(domain) => {
+                if let Err(e) = Threshold::new(self.scoring.threshold as f32, domain) {
+                    p.push(format!("scoring.threshold: {e}"));
+                }
+            }
+            Err(e) => p.push(format!("scoring.threshold_domain: {e}")),
         }
         if !(0.0..=1.0).contains(&self.scoring.alpha) {
             p.push(format!(
@@ -398,10 +405,11 @@ impl LineConfig {
         };
         let s = &self.scoring;
         let mut scorer = format!(
-            "patchflowscore name={SCORER_NAME} model={} device={} threshold={} overlay={} alpha={} colormap={} scoring-interval={}",
+            "patchflowscore name={SCORER_NAME} model={} device={} threshold={} threshold-domain={} overlay={} alpha={} colormap={} scoring-interval={}",
             quote(&self.model.path),
             quote(&self.model.device),
             s.threshold,
+            s.threshold_domain,
             s.overlay,
             s.alpha,
             s.colormap,

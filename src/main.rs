@@ -12,7 +12,7 @@ use patchflow::checkpoint;
 use patchflow::imageops::ResizeMode;
 use patchflow::model::ModelConfig;
 use patchflow::predict::{self, collect_inputs};
-use patchflow::scoring::Scorer;
+use patchflow::scoring::{ScoreDomain, Scorer, Threshold};
 use patchflow::train::{self, TrainOptions};
 
 /// Find visual defects in images and live video with the PatchFlow anomaly model.
@@ -53,9 +53,14 @@ enum Command {
         /// Folder for the overlay images (heatmap blended on the input).
         #[arg(short, long)]
         output_dir: Option<PathBuf>,
-        /// Normalised score above which an image is anomalous (0.5 is the model's threshold).
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f32,
+        /// Score above which an image is anomalous, on the scale that --threshold-domain
+        /// sets [default: the model's own threshold on that scale].
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// Scale of --threshold: normalized (0 to 1, the model's threshold is 0.5), raw
+        /// (the anomaly map's maximum, -1 to 0) or log (the maximum of 0.5 mean z^2).
+        #[arg(long, default_value_t = ScoreDomain::Normalized)]
+        threshold_domain: ScoreDomain,
         /// Opacity of the heatmap in the overlay, 0 to 1.
         #[arg(long, default_value_t = 0.5)]
         alpha: f32,
@@ -330,7 +335,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         .expect("train() records its settings");
     let s = &meta.stats;
     eprintln!(
-        "wrote {}: {} train / {} held-out images, {} epochs in {:.1} s, final loss {:.4}, threshold {:.6} (held-out scores {:.6} to {:.6})",
+        "wrote {}: {} train / {} held-out images, {} epochs in {:.1} s, final loss {:.4}, threshold {:.6} (held-out scores {:.6} to {:.6}), log threshold {:.4}",
         args.output.display(),
         t.train_images,
         t.holdout_images,
@@ -339,7 +344,8 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         t.final_loss,
         s.image_threshold,
         s.image_min,
-        s.image_max
+        s.image_max,
+        s.threshold(ScoreDomain::Log)
     );
     Ok(())
 }
@@ -361,18 +367,28 @@ fn load_scorer(model: &Path, device_arg: &DeviceArg) -> Result<Scorer> {
         .map_err(|e| UsageError(format!("cannot load model {}: {e}", model.display())).into())
 }
 
+/// Turns --threshold and --threshold-domain into a decision rule, taking the model's own
+/// threshold on that scale when no value is given.
+fn resolve_threshold(
+    (value, domain): (Option<f32>, ScoreDomain),
+    scorer: &Scorer,
+) -> Result<Threshold> {
+    let value = value.unwrap_or_else(|| scorer.meta().stats.threshold(domain));
+    Threshold::new(value, domain).map_err(|e| UsageError(format!("--threshold: {e}")).into())
+}
+
 fn run_predict(
     model: &Path,
     inputs: &[PathBuf],
     output_dir: Option<&Path>,
-    threshold: f32,
+    threshold: (Option<f32>, ScoreDomain),
     alpha: f32,
     device: &DeviceArg,
 ) -> Result<()> {
-    check_unit_range("--threshold", threshold)?;
     check_unit_range("--alpha", alpha)?;
     let files = collect_inputs(inputs).map_err(|e| UsageError(format!("{e:#}")))?;
     let scorer = load_scorer(model, device)?;
+    let threshold = resolve_threshold(threshold, &scorer)?;
     predict::predict_each(&scorer, &files, threshold, output_dir, alpha, |result| {
         println!("{}", serde_json::to_string(&result)?);
         Ok(())
@@ -530,13 +546,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             inputs,
             output_dir,
             threshold,
+            threshold_domain,
             alpha,
             device,
         } => run_predict(
             model,
             inputs,
             output_dir.as_deref(),
-            *threshold,
+            (*threshold, *threshold_domain),
             *alpha,
             device,
         )?,

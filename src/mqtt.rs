@@ -28,6 +28,8 @@ use rumqttc::{
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::scoring::{FrameScore, ScoreDomain, Threshold};
 use tokio::time::{Instant, sleep_until};
 
 /// Port used when an `mqtt://` URL names none.
@@ -700,8 +702,8 @@ impl Worker {
 ///
 /// ```json
 /// {"source":"camera-1","frame":42,"pts_ns":1400000000,"timestamp_ms":1767225600123,
-///  "score":-0.8125,"normalized_score":0.73,"threshold":0.5,"is_anomalous":true,
-///  "label":"anomalous"}
+///  "score":-0.8125,"normalized_score":0.73,"log_score":0.2076,"threshold":0.5,
+///  "threshold_domain":"normalized","is_anomalous":true,"label":"anomalous"}
 /// ```
 ///
 /// Non-finite scores (NaN, infinity) are written as `null`.
@@ -717,10 +719,14 @@ pub struct FrameMessage {
     pub timestamp_ms: u64,
     /// Raw anomaly score from the model.
     pub score: f32,
-    /// Score after normalisation, the value that the caller compared with `threshold`.
+    /// Score after normalisation, in [0, 1].
     pub normalized_score: f32,
+    /// Log score, the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
     /// Threshold that decided `is_anomalous`.
     pub threshold: f32,
+    /// Score that was compared with `threshold`: `normalized`, `raw` or `log`.
+    pub threshold_domain: ScoreDomain,
     /// Whether the frame was classified as anomalous.
     pub is_anomalous: bool,
     /// `"anomalous"` or `"normal"`, matching `is_anomalous`.
@@ -735,17 +741,12 @@ impl FrameMessage {
 }
 
 /// Builds the [`FrameMessage`] for one scored frame, stamped with the current wall-clock time.
-///
-/// The caller passes `is_anomalous` because the decision rule (which score is compared with
-/// `threshold`) belongs to the scoring element.
 pub fn frame_message(
     source: &str,
     frame: u64,
     pts_ns: Option<u64>,
-    score: f32,
-    normalized_score: f32,
-    threshold: f32,
-    is_anomalous: bool,
+    score: &FrameScore,
+    threshold: Threshold,
 ) -> FrameMessage {
     // A clock before 1970 is a broken clock. 0 marks it without failing the frame.
     let timestamp_ms = SystemTime::now()
@@ -753,15 +754,18 @@ pub fn frame_message(
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         });
+    let is_anomalous = threshold.is_exceeded_by(score);
     let label = if is_anomalous { "anomalous" } else { "normal" };
     FrameMessage {
         source: source.to_owned(),
         frame,
         pts_ns,
         timestamp_ms,
-        score,
-        normalized_score,
-        threshold,
+        score: score.score,
+        normalized_score: score.normalized_score,
+        log_score: score.log_score,
+        threshold: threshold.value,
+        threshold_domain: threshold.domain,
         is_anomalous,
         label: label.to_owned(),
     }
@@ -770,6 +774,7 @@ pub fn frame_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imageops::HeatMap;
 
     fn address(host: &str, port: u16) -> BrokerAddress {
         BrokerAddress {
@@ -883,9 +888,30 @@ mod tests {
         assert!(!is_valid_topic(&"a".repeat(65536)));
     }
 
+    fn scores(score: f32, normalized_score: f32, log_score: f32) -> FrameScore {
+        let empty = HeatMap {
+            width: 0,
+            height: 0,
+            values: Vec::new(),
+        };
+        FrameScore {
+            score,
+            normalized_score,
+            log_score,
+            heat: empty.clone(),
+            log_patches: empty,
+        }
+    }
+
     #[test]
     fn frame_message_json_schema() {
-        let message = frame_message("camera-1", 42, Some(1_400_000_000), -0.8, 0.73, 0.5, true);
+        let message = frame_message(
+            "camera-1",
+            42,
+            Some(1_400_000_000),
+            &scores(-0.8, 0.73, 0.25),
+            Threshold::MODEL,
+        );
         let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
         let object = json.as_object().unwrap();
 
@@ -897,7 +923,9 @@ mod tests {
             "timestamp_ms",
             "score",
             "normalized_score",
+            "log_score",
             "threshold",
+            "threshold_domain",
             "is_anomalous",
             "label",
         ];
@@ -912,7 +940,9 @@ mod tests {
             json["normalized_score"].as_f64().map(|value| value as f32),
             Some(0.73)
         );
+        assert_eq!(json["log_score"], 0.25);
         assert_eq!(json["threshold"], 0.5);
+        assert_eq!(json["threshold_domain"], "normalized");
         assert_eq!(json["is_anomalous"], true);
         assert_eq!(json["label"], "anomalous");
         // 2020-01-01 in Unix milliseconds: any working clock is later.
@@ -920,8 +950,27 @@ mod tests {
     }
 
     #[test]
+    fn frame_message_log_threshold_decides() {
+        let threshold = Threshold::new(120.0, ScoreDomain::Log).unwrap();
+        let message = frame_message("camera-1", 0, None, &scores(0.0, 1.0, 130.0), threshold);
+        let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        assert_eq!(json["threshold"], 120.0);
+        assert_eq!(json["threshold_domain"], "log");
+        assert_eq!(json["is_anomalous"], true);
+        let message = frame_message("camera-1", 1, None, &scores(0.0, 1.0, 110.0), threshold);
+        let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
+        assert_eq!(json["is_anomalous"], false);
+    }
+
+    #[test]
     fn frame_message_normal_label_and_missing_pts() {
-        let message = frame_message("camera-1", 0, None, 0.1, 0.2, 0.5, false);
+        let message = frame_message(
+            "camera-1",
+            0,
+            None,
+            &scores(-0.9, 0.2, 0.1),
+            Threshold::MODEL,
+        );
         let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
         assert_eq!(json["label"], "normal");
         assert_eq!(json["is_anomalous"], false);
@@ -930,10 +979,17 @@ mod tests {
 
     #[test]
     fn frame_message_writes_nan_as_null() {
-        let message = frame_message("camera-1", 0, None, f32::NAN, f32::INFINITY, 0.5, false);
+        let message = frame_message(
+            "camera-1",
+            0,
+            None,
+            &scores(f32::NAN, f32::NAN, f32::INFINITY),
+            Threshold::MODEL,
+        );
         let json: serde_json::Value = serde_json::from_slice(&message.to_json()).unwrap();
         assert!(json["score"].is_null());
         assert!(json["normalized_score"].is_null());
+        assert!(json["log_score"].is_null());
     }
 
     #[test]

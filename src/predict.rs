@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::imageops::{Colormap, PixelLayout, blend_heatmap, load_rgb_chw};
 use crate::metrics::{Confusion, auroc};
-use crate::scoring::{FrameScore, Scorer};
+use crate::scoring::{FrameScore, Scorer, Threshold};
 use crate::train::list_images;
 
 /// One line of `patchflow predict` output.
@@ -20,6 +20,8 @@ pub struct ImageResult {
     /// Raw score, the maximum of the anomaly map in [-1, 0].
     pub score: f32,
     pub normalized_score: f32,
+    /// Log score, the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
     pub is_anomalous: bool,
     pub label: &'static str,
     /// Overlay image written for this input, if any.
@@ -113,7 +115,7 @@ fn overlay_name(path: &Path, used: &mut HashSet<String>) -> String {
 pub fn predict_each(
     scorer: &Scorer,
     files: &[PathBuf],
-    threshold: f32,
+    threshold: impl Into<Threshold>,
     overlay_dir: Option<&Path>,
     alpha: f32,
     mut on_result: impl FnMut(ImageResult) -> Result<()>,
@@ -122,6 +124,7 @@ pub fn predict_each(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     }
+    let threshold = threshold.into();
     let mut used = HashSet::new();
     for path in files {
         let (score, chw, size) = score_file(scorer, path)?;
@@ -133,11 +136,12 @@ pub fn predict_each(
             }
             None => None,
         };
-        let is_anomalous = score.is_anomalous(threshold);
+        let is_anomalous = threshold.is_exceeded_by(&score);
         on_result(ImageResult {
             path: path.clone(),
             score: score.score,
             normalized_score: score.normalized_score,
+            log_score: score.log_score,
             is_anomalous,
             label: if is_anomalous { "anomalous" } else { "normal" },
             overlay,
@@ -150,7 +154,7 @@ pub fn predict_each(
 pub fn predict(
     scorer: &Scorer,
     files: &[PathBuf],
-    threshold: f32,
+    threshold: impl Into<Threshold>,
     overlay_dir: Option<&Path>,
     alpha: f32,
 ) -> Result<Vec<ImageResult>> {

@@ -4,6 +4,13 @@
 //! Normalisation follows anomalib 2.x's post-processor:
 //! `clamp((x - t) / (hi - lo) + 0.5, 0, 1)`, so the model's own threshold always maps
 //! to 0.5 and `normalised > 0.5` is the same decision as `raw > t`.
+//!
+//! Every score also has a log-domain value. anomalib's map is `-exp(-l)` with
+//! `l = 0.5 mean_c z^2` per patch. Near -1, float32 values lie about 6e-8 apart, so
+//! patches whose `l` differ by less than that tie, and above `l` = 104 the map is
+//! exactly 0. The log score, the maximum of `l` over the flow grid, keeps such images
+//! apart. Use the raw or normalised score to reproduce anomalib's decisions, and the log
+//! score to rank or threshold images that tie at either end.
 
 use std::path::Path;
 
@@ -23,9 +30,27 @@ pub struct ScoreStats {
     pub pixel_threshold: f32,
     pub pixel_min: f32,
     pub pixel_max: f32,
+    /// Threshold on the log score, calibrated like `image_threshold`. Absent in models
+    /// that were imported or written before log scores existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_log_threshold: Option<f32>,
 }
 
 impl ScoreStats {
+    /// Returns the model's own threshold on the scale of `domain`. Without a calibrated
+    /// log threshold, the log threshold is `-ln(-image_threshold)`: the map is an
+    /// interpolation of `-exp(-l)`, so every image whose raw score exceeds the raw
+    /// threshold also exceeds this log threshold.
+    pub fn threshold(&self, domain: ScoreDomain) -> f32 {
+        match domain {
+            ScoreDomain::Normalized => 0.5,
+            ScoreDomain::Raw => self.image_threshold,
+            ScoreDomain::Log => self
+                .image_log_threshold
+                .unwrap_or_else(|| -(-self.image_threshold).ln()),
+        }
+    }
+
     /// Normalised image score.
     pub fn normalize_image(&self, raw: f32) -> f32 {
         normalize(raw, self.image_threshold, self.image_min, self.image_max)
@@ -61,6 +86,114 @@ pub fn normalize(x: f32, threshold: f32, lo: f32, hi: f32) -> f32 {
     ((x - t) / (hi - lo) + 0.5).clamp(0.0, 1.0)
 }
 
+/// Scale on which a threshold is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreDomain {
+    /// The normalised score in [0, 1]; 0.5 is the model's own threshold.
+    #[default]
+    Normalized,
+    /// The raw score, the maximum of the anomaly map, in [-1, 0].
+    Raw,
+    /// The log score, the maximum over patches of `0.5 mean_c z^2`, in [0, inf).
+    Log,
+}
+
+impl ScoreDomain {
+    pub const NAMES: [&'static str; 3] = ["normalized", "raw", "log"];
+
+    /// Lower-case name, as written in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normalized => "normalized",
+            Self::Raw => "raw",
+            Self::Log => "log",
+        }
+    }
+
+    /// Range of values that a threshold on this scale can take.
+    pub fn range(self) -> (f32, f32) {
+        match self {
+            Self::Normalized => (0.0, 1.0),
+            Self::Raw => (-1.0, 0.0),
+            Self::Log => (0.0, f32::INFINITY),
+        }
+    }
+}
+
+impl std::fmt::Display for ScoreDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ScoreDomain {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normalized" | "normalised" => Ok(Self::Normalized),
+            "raw" => Ok(Self::Raw),
+            "log" => Ok(Self::Log),
+            other => Err(format!(
+                "unknown score domain {other:?}: expected one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// Decision rule: a frame is anomalous when its score in `domain` exceeds `value`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    pub value: f32,
+    pub domain: ScoreDomain,
+}
+
+impl Threshold {
+    /// The model's own decision: normalised score above 0.5.
+    pub const MODEL: Self = Self::normalized(0.5);
+
+    pub const fn normalized(value: f32) -> Self {
+        Self {
+            value,
+            domain: ScoreDomain::Normalized,
+        }
+    }
+
+    /// Builds a threshold after checking that `value` lies in the domain's range.
+    pub fn new(value: f32, domain: ScoreDomain) -> Result<Self, String> {
+        let (lo, hi) = domain.range();
+        if value.is_nan() || value < lo || value > hi {
+            return Err(format!(
+                "threshold {value} is outside the {domain} score range [{lo}, {hi}]"
+            ));
+        }
+        Ok(Self { value, domain })
+    }
+
+    /// Tells whether `score` is above the threshold.
+    pub fn is_exceeded_by(&self, score: &FrameScore) -> bool {
+        score.value(self.domain) > self.value
+    }
+}
+
+impl From<f32> for Threshold {
+    /// Reads a bare number as a normalised threshold.
+    fn from(value: f32) -> Self {
+        Self::normalized(value)
+    }
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.domain {
+            ScoreDomain::Normalized => write!(f, "{}", self.value),
+            domain => write!(f, "{} ({domain})", self.value),
+        }
+    }
+}
+
 /// Result of scoring one image or frame.
 #[derive(Debug, Clone)]
 pub struct FrameScore {
@@ -68,14 +201,27 @@ pub struct FrameScore {
     pub score: f32,
     /// Score normalised with the model's statistics, in [0, 1].
     pub normalized_score: f32,
+    /// Log score: the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
     /// Normalised anomaly map at the model's input size, in [0, 1].
     pub heat: HeatMap,
+    /// Per-patch `0.5 mean_c z^2` on the flow grid.
+    pub log_patches: HeatMap,
 }
 
 impl FrameScore {
     /// Tells whether the normalised score exceeds `threshold` (0.5 is the model's own).
     pub fn is_anomalous(&self, threshold: f32) -> bool {
         self.normalized_score > threshold
+    }
+
+    /// Returns the image score on the scale of `domain`.
+    pub fn value(&self, domain: ScoreDomain) -> f32 {
+        match domain {
+            ScoreDomain::Normalized => self.normalized_score,
+            ScoreDomain::Raw => self.score,
+            ScoreDomain::Log => self.log_score,
+        }
     }
 }
 
@@ -115,7 +261,8 @@ impl Scorer {
         let x = self.model.preprocess(chw, (h, w))?;
         let out = self.model.forward(&x)?;
         let score = out.score.flatten_all()?.to_vec1::<f32>()?[0];
-        if !score.is_finite() {
+        let log_score = out.log_score.flatten_all()?.to_vec1::<f32>()?[0];
+        if !score.is_finite() || log_score.is_nan() {
             // A NaN score compares false with every threshold and would pass as normal.
             candle_core::bail!(
                 "the model produced a non-finite score ({score}); its weights or this input are invalid"
@@ -130,13 +277,20 @@ impl Scorer {
             .into_iter()
             .map(|v| stats.normalize_pixel(v))
             .collect();
+        let (_, _, gh, gw) = out.log_map.dims4()?;
         Ok(FrameScore {
             score,
             normalized_score: stats.normalize_image(score),
+            log_score,
             heat: HeatMap {
                 width: mw,
                 height: mh,
                 values,
+            },
+            log_patches: HeatMap {
+                width: gw,
+                height: gh,
+                values: out.log_map.flatten_all()?.to_vec1::<f32>()?,
             },
         })
     }
@@ -163,6 +317,55 @@ mod tests {
     fn normalize_clamps() {
         assert_eq!(normalize(10.0, 0.0, -1.0, 1.0), 1.0);
         assert_eq!(normalize(-10.0, 0.0, -1.0, 1.0), 0.0);
+    }
+
+    fn frame(score: f32, normalized_score: f32, log_score: f32) -> FrameScore {
+        let empty = HeatMap {
+            width: 0,
+            height: 0,
+            values: Vec::new(),
+        };
+        FrameScore {
+            score,
+            normalized_score,
+            log_score,
+            heat: empty.clone(),
+            log_patches: empty,
+        }
+    }
+
+    #[test]
+    fn threshold_compares_its_domain() {
+        // Saturated frames: raw score 0 and normalised 1, distinguished only by the log score.
+        let strong = frame(0.0, 1.0, 150.0);
+        let log = Threshold::new(120.0, ScoreDomain::Log).unwrap();
+        assert!(log.is_exceeded_by(&strong));
+        assert!(!log.is_exceeded_by(&frame(0.0, 1.0, 110.0)));
+        let raw = Threshold::new(-0.5, ScoreDomain::Raw).unwrap();
+        assert!(raw.is_exceeded_by(&frame(-0.4, 0.2, 0.9)));
+        assert!(!raw.is_exceeded_by(&frame(-0.6, 0.9, 0.5)));
+        assert!(Threshold::MODEL.is_exceeded_by(&frame(-0.9, 0.6, 0.1)));
+        assert!(!Threshold::MODEL.is_exceeded_by(&frame(-0.1, 0.5, 2.0)));
+    }
+
+    #[test]
+    fn threshold_range_is_checked() {
+        assert!(Threshold::new(1.5, ScoreDomain::Normalized).is_err());
+        assert!(Threshold::new(0.5, ScoreDomain::Raw).is_err());
+        assert!(Threshold::new(-1.0, ScoreDomain::Log).is_err());
+        assert!(Threshold::new(f32::NAN, ScoreDomain::Log).is_err());
+        assert!(Threshold::new(1e6, ScoreDomain::Log).is_ok());
+        let err = Threshold::new(0.5, ScoreDomain::Raw).unwrap_err();
+        assert!(err.contains("raw"), "{err}");
+    }
+
+    #[test]
+    fn domain_names_round_trip() {
+        for name in ScoreDomain::NAMES {
+            let domain: ScoreDomain = name.parse().unwrap();
+            assert_eq!(domain.name(), name);
+        }
+        assert!("linear".parse::<ScoreDomain>().is_err());
     }
 
     #[test]

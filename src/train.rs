@@ -210,6 +210,7 @@ pub fn init_model_on(
         pixel_threshold: -0.5,
         pixel_min: -1.0,
         pixel_max: 0.0,
+        image_log_threshold: None,
     };
     let meta = ModelMeta {
         config: config.clone(),
@@ -427,14 +428,17 @@ pub fn quantile(values: &[f32], q: f64) -> f32 {
 }
 
 /// Score statistics on good images: the image threshold is the `q` quantile of their
-/// scores; min and max bound the scores and the map values. Without defect masks the
+/// scores, and the log threshold the `q` quantile of their log scores. Min and max bound
+/// the scores and the map values. Without defect masks the
 /// pixel threshold equals the image threshold, as anomalib's threshold matching does.
 pub fn calibrate(model: &PatchFlow, good: &[PathBuf], q: f64) -> Result<ScoreStats> {
     let mut scores = Vec::with_capacity(good.len());
+    let mut log_scores = Vec::with_capacity(good.len());
     let (mut pixel_min, mut pixel_max) = (f32::INFINITY, f32::NEG_INFINITY);
     for path in good {
         let out = model.forward(&load_input(model, path)?)?;
         scores.push(out.score.flatten_all()?.to_vec1::<f32>()?[0]);
+        log_scores.push(out.log_score.flatten_all()?.to_vec1::<f32>()?[0]);
         let map = out.anomaly_map.flatten_all()?;
         pixel_min = pixel_min.min(map.min(0)?.to_scalar::<f32>()?);
         pixel_max = pixel_max.max(map.max(0)?.to_scalar::<f32>()?);
@@ -455,6 +459,7 @@ pub fn calibrate(model: &PatchFlow, good: &[PathBuf], q: f64) -> Result<ScoreSta
         pixel_threshold: threshold,
         pixel_min,
         pixel_max,
+        image_log_threshold: Some(quantile(&log_scores, q)),
     })
 }
 

@@ -119,6 +119,48 @@ fn train_info_predict() {
     }
     let brick = image::open(overlays.join("brick_overlay.png")).unwrap();
     assert_eq!((brick.width(), brick.height()), (512, 512));
+
+    // Training calibrates a log threshold too, and predict uses it when asked for the
+    // log domain without a value.
+    let log_threshold = info["stats"]["image_log_threshold"].as_f64().unwrap();
+    assert!(log_threshold > 0.0, "{info}");
+    let out = run(patchflow()
+        .args(["predict", "--threshold-domain", "log", "--model"])
+        .arg(&model)
+        .arg(&good)
+        .arg(fixtures::image("brick.png")));
+    assert!(out.status.success());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        // Both values were float32 before JSON; compare them as such.
+        let log_score = line["log_score"].as_f64().unwrap() as f32;
+        assert_eq!(
+            line["is_anomalous"],
+            log_score > log_threshold as f32,
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn predict_rejects_threshold_outside_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let out = run(patchflow()
+        .args([
+            "predict",
+            "--threshold",
+            "0.3",
+            "--threshold-domain",
+            "raw",
+            "--model",
+        ])
+        .arg(&model)
+        .arg(fixtures::image("brick.png")));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--threshold"), "{err}");
+    assert!(err.contains("raw score range [-1, 0]"), "{err}");
 }
 
 #[test]
@@ -279,7 +321,7 @@ fn config_check_lists_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
-        "name = \"a/b\"\n[source]\nkind = \"test\"\nframerate = 0\n[model]\npath = \"none.safetensors\"\n[scoring]\ninterval = 0\nalpha = 2.0\n",
+        "name = \"a/b\"\n[source]\nkind = \"test\"\nframerate = 0\n[model]\npath = \"none.safetensors\"\n[scoring]\ninterval = 0\nalpha = 2.0\nthreshold_domain = \"linear\"\n",
     );
     let out = run(patchflow().args(["config", "check"]).arg(&config));
     assert_eq!(out.status.code(), Some(2));
@@ -290,6 +332,7 @@ fn config_check_lists_every_problem() {
         "model.path",
         "scoring.interval",
         "scoring.alpha",
+        "scoring.threshold_domain",
     ] {
         assert!(err.contains(field), "{field} missing from: {err}");
     }

@@ -66,6 +66,42 @@ fn forward_shapes() {
 }
 
 #[test]
+fn log_map_matches_anomaly_map() {
+    let (model, _) = train::init_model(&small_config(), &fixtures::backbone_path(), 0).unwrap();
+    let (image, h, w) = patchflow::imageops::load_rgb_chw(&fixtures::image("gravel.png")).unwrap();
+    let x = model.preprocess(&image, (h, w)).unwrap();
+    let out = model.forward(&x).unwrap();
+    assert_eq!(out.log_map.dims4().unwrap(), (1, 1, 8, 8));
+
+    let fused = model.embed(&x).unwrap();
+    let (z, _) = model.flow_forward(&fused, false).unwrap();
+    let log_grid = model
+        .log_map(&z)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let from_forward = out.log_map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(log_grid, from_forward);
+    let log_score = out.log_score.to_vec1::<f32>().unwrap()[0];
+    let max_l = log_grid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!(log_score, max_l);
+    // The map is -exp(-l) upsampled 8x with bilinear weights, a convex combination, so
+    // the image score is at most m = -exp(-max l). The output pixels next to the centre
+    // of the top patch give it weight (15/16)^2, and the other weights fall on values of
+    // at least -1, which bounds the score from below.
+    let score = out.score.to_vec1::<f32>().unwrap()[0];
+    let m = -(-log_score).exp();
+    let top_weight = (15.0f32 / 16.0).powi(2);
+    assert!(score <= m + 1e-6, "score {score}, log score {log_score}");
+    assert!(
+        score >= top_weight * m - (1.0 - top_weight) - 1e-6,
+        "score {score} too far below -exp(-{log_score})"
+    );
+}
+
+#[test]
 fn crop_pads_map_with_minus_one() {
     let cfg = ModelConfig {
         input_size: [80, 80],

@@ -40,6 +40,11 @@ pub struct Inference {
     pub anomaly_map: Tensor,
     /// Image scores (B,): the maximum of the map before any crop padding.
     pub score: Tensor,
+    /// Per-patch `0.5 mean_c z^2` on the flow grid (B, 1, Hg, Wg): the log-domain twin
+    /// of the map, which keeps its resolution where the map saturates in float32.
+    pub log_map: Tensor,
+    /// Image log scores (B,): the maximum of `log_map`.
+    pub log_score: Tensor,
 }
 
 /// A PatchFlow model: frozen backbone, trainable adaptor and flow.
@@ -203,9 +208,13 @@ impl PatchFlow {
         let fused = self.embed(x)?;
         let (z, _) = self.flow_forward(&fused, false)?;
         let (map, score) = self.anomaly_map(&z)?;
+        let log_map = self.log_map(&z)?;
+        let log_score = log_map.flatten_from(1)?.max(D::Minus1)?;
         Ok(Inference {
             anomaly_map: self.uncrop(&map)?,
             score,
+            log_map,
+            log_score,
         })
     }
 

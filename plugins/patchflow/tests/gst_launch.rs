@@ -221,6 +221,7 @@ fn gst_inspect_lists_properties() {
         "model",
         "device",
         "threshold",
+        "threshold-domain",
         "overlay",
         "alpha",
         "colormap",

@@ -247,14 +247,26 @@ fn element_message_has_all_fields() {
             (0.0..=1.0).contains(&normalized),
             "normalised score {normalized}"
         );
+        let log_score = report.get::<f64>("log-score").unwrap();
+        assert!(log_score >= 0.0, "log score {log_score}");
+        // The map interpolates -exp(-l) between patches, so its maximum cannot exceed the
+        // value at the largest l.
+        assert!(
+            score <= -(-log_score).exp() + 1e-6,
+            "raw score {score} above -exp(-{log_score})"
+        );
         assert_eq!(report.get::<f64>("threshold").unwrap(), 0.5);
+        assert_eq!(
+            report.get::<&str>("threshold-domain").unwrap(),
+            "normalized"
+        );
         let is_anomalous = report.get::<bool>("is-anomalous").unwrap();
         assert_eq!(is_anomalous, normalized > 0.5);
         let label = report.get::<&str>("label").unwrap();
         assert_eq!(label, if is_anomalous { "anomalous" } else { "normal" });
         let inference_ms = report.get::<f64>("inference-ms").unwrap();
         assert!(inference_ms > 0.0, "inference time {inference_ms} ms");
-        assert_eq!(report.n_fields(), 8, "unexpected fields in {report}");
+        assert_eq!(report.n_fields(), 10, "unexpected fields in {report}");
     }
 }
 
@@ -402,6 +414,56 @@ fn overlay_off_leaves_frame_untouched() {
     assert!(map_bytes(&output) == map_bytes(&input), "a pixel changed");
     // The frame was still scored.
     assert_eq!(scorer.next_report().get::<u64>("frame").unwrap(), 0);
+}
+
+#[test]
+fn log_threshold_decides_on_log_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let scorer = Scorer::new(&model, &[("threshold-domain", "log")]);
+    let info = video_info("RGB", 64, 48);
+    let mut harness = scorer.harness(&info);
+
+    // Learn the frame's log score, then put the threshold just below and just above it.
+    scorer.element.set_property("threshold", 0.0f64);
+    harness.push_and_pull(pattern_buffer(&info)).unwrap();
+    let report = scorer.next_report();
+    assert_eq!(report.get::<&str>("threshold-domain").unwrap(), "log");
+    let log_score = report.get::<f64>("log-score").unwrap();
+    assert!(log_score > 0.0, "log score {log_score}");
+
+    for (threshold, expected) in [(log_score * 0.99, true), (log_score * 1.01, false)] {
+        scorer.element.set_property("threshold", threshold);
+        harness.push_and_pull(pattern_buffer(&info)).unwrap();
+        let report = scorer.next_report();
+        assert_eq!(report.get::<f64>("log-score").unwrap(), log_score);
+        assert_eq!(
+            report.get::<f64>("threshold").unwrap(),
+            f64::from(threshold as f32)
+        );
+        assert_eq!(
+            report.get::<bool>("is-anomalous").unwrap(),
+            expected,
+            "threshold {threshold}, log score {log_score}"
+        );
+    }
+}
+
+#[test]
+fn out_of_range_threshold_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    // 0.5 is a valid normalised or log threshold, but raw scores lie in [-1, 0].
+    let scorer = Scorer::new(&model, &[("threshold-domain", "raw")]);
+
+    let error = scorer.start_error();
+    let message = error.message();
+    assert!(
+        error.matches(gst::LibraryError::Settings),
+        "unexpected error domain: {error:?}"
+    );
+    assert!(message.contains("threshold 0.5"), "{message}");
+    assert!(message.contains("raw"), "{message}");
 }
 
 #[test]

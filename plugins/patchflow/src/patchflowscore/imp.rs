@@ -17,9 +17,9 @@ use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use patchflow::imageops::{HeatMap, PackedFrame, PixelLayout, blend_heatmap};
 use patchflow::mqtt::{MqttSettings, Publisher, frame_message};
-use patchflow::scoring::Scorer;
+use patchflow::scoring::{FrameScore, Scorer, Threshold};
 
-use super::Colormap;
+use super::{Colormap, ScoreDomain};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -31,6 +31,9 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 
 const DEFAULT_DEVICE: &str = "cpu";
 const DEFAULT_THRESHOLD: f64 = 0.5;
+const DEFAULT_THRESHOLD_DOMAIN: ScoreDomain = ScoreDomain::Normalized;
+/// Upper bound of `threshold`, far above any log score that float32 maps can tell apart.
+const MAX_THRESHOLD: f64 = 1e9;
 const DEFAULT_OVERLAY: bool = true;
 const DEFAULT_ALPHA: f64 = 0.5;
 const DEFAULT_COLORMAP: Colormap = Colormap::Jet;
@@ -70,6 +73,7 @@ struct Settings {
     model: Option<PathBuf>,
     device: String,
     threshold: f64,
+    threshold_domain: ScoreDomain,
     overlay: bool,
     alpha: f64,
     colormap: Colormap,
@@ -86,6 +90,7 @@ impl Default for Settings {
             model: None,
             device: DEFAULT_DEVICE.to_owned(),
             threshold: DEFAULT_THRESHOLD,
+            threshold_domain: DEFAULT_THRESHOLD_DOMAIN,
             overlay: DEFAULT_OVERLAY,
             alpha: DEFAULT_ALPHA,
             colormap: DEFAULT_COLORMAP,
@@ -102,16 +107,38 @@ impl Default for Settings {
 #[derive(Debug, Clone, Copy)]
 struct FrameSettings {
     threshold: f64,
+    threshold_domain: ScoreDomain,
     overlay: bool,
     alpha: f64,
     colormap: Colormap,
     scoring_interval: u32,
 }
 
+impl Settings {
+    /// Returns the decision rule of the `threshold` and `threshold-domain` properties, or
+    /// why the pair is invalid.
+    fn decision(&self) -> Result<Threshold, String> {
+        Threshold::new(self.threshold as f32, self.threshold_domain.into())
+    }
+}
+
+impl FrameSettings {
+    /// Returns the decision rule for this frame. A pair that is out of range was already
+    /// reported when it was set, and falls back to the model's own threshold on that scale.
+    fn decision(&self, scorer: &Scorer) -> Threshold {
+        let domain = self.threshold_domain.into();
+        Threshold::new(self.threshold as f32, domain).unwrap_or(Threshold {
+            value: scorer.meta().stats.threshold(domain),
+            domain,
+        })
+    }
+}
+
 impl From<&Settings> for FrameSettings {
     fn from(settings: &Settings) -> Self {
         FrameSettings {
             threshold: settings.threshold,
+            threshold_domain: settings.threshold_domain,
             overlay: settings.overlay,
             alpha: settings.alpha,
             colormap: settings.colormap,
@@ -151,9 +178,8 @@ struct MqttOutput {
 struct FrameReport {
     frame: u64,
     pts: Option<gst::ClockTime>,
-    score: f32,
-    normalized_score: f32,
-    threshold: f64,
+    scores: FrameScore,
+    threshold: Threshold,
     is_anomalous: bool,
     inference_ms: f64,
 }
@@ -209,14 +235,29 @@ impl ObjectImpl for PatchflowScore {
                 glib::ParamSpecDouble::builder("threshold")
                     .nick("Threshold")
                     .blurb(
-                        "Normalised score (0 to 1) above which a frame is anomalous. 0.5 is \
-                         the threshold that the model was calibrated with.",
+                        "Score above which a frame is anomalous, on the scale that \
+                         threshold-domain selects: 0 to 1 for normalized (0.5 is the threshold \
+                         that the model was calibrated with), -1 to 0 for raw, 0 and up for \
+                         log. A value outside that range is reported as a warning and the \
+                         model's own threshold on that scale is used instead.",
                     )
-                    .minimum(0.0)
-                    .maximum(1.0)
+                    .minimum(-1.0)
+                    .maximum(MAX_THRESHOLD)
                     .default_value(DEFAULT_THRESHOLD)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default(
+                    "threshold-domain",
+                    DEFAULT_THRESHOLD_DOMAIN,
+                )
+                .nick("Threshold domain")
+                .blurb(
+                    "Score that threshold applies to: normalized (anomalib's normalised score), \
+                     raw (the anomaly map's maximum, which saturates at 0 and -1 in float32) \
+                     or log (the maximum over patches of 0.5 mean z^2, which does not).",
+                )
+                .mutable_playing()
+                .build(),
                 glib::ParamSpecUInt::builder("scoring-interval")
                     .nick("Scoring interval")
                     .blurb(
@@ -359,6 +400,19 @@ impl ObjectImpl for PatchflowScore {
                     threshold
                 );
                 settings.threshold = threshold;
+                self.check_decision(&settings);
+            }
+            "threshold-domain" => {
+                let domain = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing threshold-domain from {:?} to {:?}",
+                    settings.threshold_domain,
+                    domain
+                );
+                settings.threshold_domain = domain;
+                self.check_decision(&settings);
             }
             "overlay" => {
                 let overlay = value.get().expect("type checked upstream");
@@ -446,6 +500,7 @@ impl ObjectImpl for PatchflowScore {
                 .to_value(),
             "device" => settings.device.to_value(),
             "threshold" => settings.threshold.to_value(),
+            "threshold-domain" => settings.threshold_domain.to_value(),
             "scoring-interval" => settings.scoring_interval.to_value(),
             "frames-skipped" => {
                 drop(settings);
@@ -521,6 +576,15 @@ impl BaseTransformImpl for PatchflowScore {
 
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
+        if let Err(err) = settings.decision() {
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                (
+                    "Invalid threshold: {}; set threshold within the range of threshold-domain",
+                    err
+                )
+            ));
+        }
 
         let scorer = self.load_model(&settings)?;
         let mqtt = if settings.mqtt_url.is_empty() {
@@ -650,6 +714,7 @@ impl VideoFilterImpl for PatchflowScore {
         if let Ok(score) = &result {
             state.last_heat = Some(score.heat.clone());
         }
+        let threshold = settings.decision(&state.scorer);
         drop(state_guard);
 
         let score = result.map_err(|err| {
@@ -675,20 +740,20 @@ impl VideoFilterImpl for PatchflowScore {
         let report = FrameReport {
             frame: frame_number,
             pts,
-            score: score.score,
-            normalized_score: score.normalized_score,
-            threshold: settings.threshold,
-            is_anomalous: score.is_anomalous(settings.threshold as f32),
+            is_anomalous: threshold.is_exceeded_by(&score),
+            scores: score,
+            threshold,
             inference_ms,
         };
         gst::log!(
             CAT,
             imp = self,
-            "Frame {} (pts {}): score {:.5}, normalised {:.3}, {}, inference {:.1} ms, overlay {:.1} ms",
+            "Frame {} (pts {}): score {:.5}, normalised {:.3}, log {:.3}, {}, inference {:.1} ms, overlay {:.1} ms",
             report.frame,
             report.pts.display(),
-            report.score,
-            report.normalized_score,
+            report.scores.score,
+            report.scores.normalized_score,
+            report.scores.log_score,
             report.label(),
             report.inference_ms,
             overlay_ms
@@ -858,6 +923,20 @@ impl PatchflowScore {
             .unwrap_or_else(|| format!("patchflow/{}/score", self.obj().name()))
     }
 
+    /// Reports a `threshold` outside the range of `threshold-domain` as a bus warning.
+    fn check_decision(&self, settings: &Settings) {
+        if let Err(err) = settings.decision() {
+            gst::element_imp_warning!(
+                self,
+                gst::LibraryError::Settings,
+                (
+                    "Invalid threshold: {}; frames are judged with the model's own threshold on that scale until it is fixed",
+                    err
+                )
+            );
+        }
+    }
+
     /// Queues the frame's JSON message for the broker without waiting for the network.
     fn publish_mqtt(&self, report: &FrameReport) {
         let mut mqtt_guard = self.mqtt.lock().unwrap();
@@ -869,10 +948,8 @@ impl PatchflowScore {
             &mqtt.source,
             report.frame,
             report.pts.map(gst::ClockTime::nseconds),
-            report.score,
-            report.normalized_score,
-            report.threshold as f32,
-            report.is_anomalous,
+            &report.scores,
+            report.threshold,
         );
         self.check_mqtt_connection(mqtt);
         if !mqtt.publisher.publish(&mqtt.topic, message.to_json()) {
@@ -930,11 +1007,16 @@ impl PatchflowScore {
     /// Posts the frame's `patchflow` element message on the bus.
     fn post_report(&self, report: &FrameReport) {
         let structure = gst::Structure::builder("patchflow")
-            .field("score", f64::from(report.score))
-            .field("normalized-score", f64::from(report.normalized_score))
+            .field("score", f64::from(report.scores.score))
+            .field(
+                "normalized-score",
+                f64::from(report.scores.normalized_score),
+            )
+            .field("log-score", f64::from(report.scores.log_score))
             .field("is-anomalous", report.is_anomalous)
             .field("label", report.label())
-            .field("threshold", report.threshold)
+            .field("threshold", f64::from(report.threshold.value))
+            .field("threshold-domain", report.threshold.domain.name())
             .field("pts", report.pts)
             .field("frame", report.frame)
             .field("inference-ms", report.inference_ms)

@@ -16,9 +16,13 @@
 //! - `score` (f64): raw image score of the model;
 //! - `normalized-score` (f64): the score normalised to 0..1, where 0.5 is the model's
 //!   threshold;
-//! - `is-anomalous` (bool): whether `normalized-score` is above `threshold`;
+//! - `log-score` (f64): the maximum over patches of `0.5 mean z^2`, which keeps apart
+//!   frames whose raw scores tie at 0 or -1 in float32;
+//! - `is-anomalous` (bool): whether the score that `threshold-domain` selects is above
+//!   `threshold`;
 //! - `label` (string): `"anomalous"` or `"normal"`;
-//! - `threshold` (f64): the `threshold` property when the frame was scored;
+//! - `threshold` (f64): the threshold in force when the frame was scored;
+//! - `threshold-domain` (string): `normalized`, `raw` or `log`;
 //! - `pts` (u64): presentation timestamp in nanoseconds, `GST_CLOCK_TIME_NONE` when the
 //!   buffer has none;
 //! - `frame` (u64): number of the frame, counted from 0 since the element started;
@@ -60,6 +64,36 @@ pub enum Colormap {
     Jet = 0,
     #[enum_value(name = "Hot: black through red and yellow to white", nick = "hot")]
     Hot = 1,
+}
+
+/// Score that `patchflowscore` compares with its `threshold` property.
+#[derive(Debug, Default, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstPatchflowScoreDomain")]
+pub enum ScoreDomain {
+    #[default]
+    #[enum_value(
+        name = "Normalized: 0 to 1, the model's own threshold is 0.5",
+        nick = "normalized"
+    )]
+    Normalized = 0,
+    #[enum_value(name = "Raw: the anomaly map's maximum, -1 to 0", nick = "raw")]
+    Raw = 1,
+    #[enum_value(
+        name = "Log: the maximum over patches of 0.5 mean z^2, 0 and up",
+        nick = "log"
+    )]
+    Log = 2,
+}
+
+impl From<ScoreDomain> for patchflow::scoring::ScoreDomain {
+    fn from(domain: ScoreDomain) -> Self {
+        match domain {
+            ScoreDomain::Normalized => patchflow::scoring::ScoreDomain::Normalized,
+            ScoreDomain::Raw => patchflow::scoring::ScoreDomain::Raw,
+            ScoreDomain::Log => patchflow::scoring::ScoreDomain::Log,
+        }
+    }
 }
 
 impl From<Colormap> for patchflow::imageops::Colormap {
