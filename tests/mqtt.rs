@@ -110,7 +110,7 @@ fn assert_frame_fields(json: &Value, frame: u64) {
     let normalized_score = (frame % 10) as f32 / 10.0;
     let is_anomalous = normalized_score > 0.5;
     let object = json.as_object().expect("payload is a JSON object");
-    assert_eq!(object.len(), 9, "unexpected fields in {json}");
+    assert_eq!(object.len(), 11, "unexpected fields in {json}");
     assert_eq!(json["source"], "camera-1");
     assert_eq!(json["frame"], frame);
     assert_eq!(json["pts_ns"], frame * 40_000_000);
@@ -124,7 +124,12 @@ fn assert_frame_fields(json: &Value, frame: u64) {
         json["normalized_score"].as_f64().map(|value| value as f32),
         Some(normalized_score)
     );
+    assert_eq!(
+        json["log_score"].as_f64().map(|value| value as f32),
+        Some(normalized_score * 4.0)
+    );
     assert_eq!(json["threshold"], 0.5);
+    assert_eq!(json["threshold_domain"], "normalized");
     assert_eq!(json["is_anomalous"], is_anomalous);
     let label = if is_anomalous { "anomalous" } else { "normal" };
     assert_eq!(json["label"], label);
