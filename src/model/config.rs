@@ -100,7 +100,7 @@ impl ModelConfig {
         }
     }
 
-    /// A DINOv2 ViT (`vit_small_patch14_dinov2`, `vit_base_patch14_dinov2` or
+    /// Returns a DINOv2 ViT (`vit_small_patch14_dinov2`, `vit_base_patch14_dinov2` or
     /// `vit_large_patch14_dinov2`) at 256x256 with ImageNet normalisation. The backbone
     /// works on the centre 252x252, an 18x18 grid of 14-pixel patches.
     pub fn dinov2(backbone: &str) -> Self {

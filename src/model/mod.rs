@@ -8,8 +8,9 @@
 //! resized to the grid of the finest stride and concatenated. A 1x1 adaptor with bias
 //! maps them to `flow_feature_dim` channels, and a normalizing flow maps those to `z`.
 //! The anomaly map is `-exp(-0.5 mean_c z^2)` resized to the input, and the image score
-//! is its maximum. For a ViT every size is floored to a multiple of 14, so the input is
-//! centre-cropped and the map padded back with -1 (see [`ModelConfig::internal_size`]).
+//! is its maximum. For a ViT every size is floored to a multiple of 14, so an input that
+//! is no multiple of 14 is centre-cropped and the map is padded back with -1 (see
+//! [`ModelConfig::internal_size`]).
 
 pub mod backbone;
 pub mod config;
