@@ -182,7 +182,9 @@ struct TrainArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// Starting configuration: lite0 (EfficientNet-Lite0, 256x256), b5
-    /// (tf_efficientnet_b5, 768x768, anomalib's default) or resnet18 (256x256).
+    /// (tf_efficientnet_b5, 768x768, anomalib's default), resnet18 (256x256), or a DINOv2
+    /// ViT (vit_small_patch14_dinov2, vit_base_patch14_dinov2 or
+    /// vit_large_patch14_dinov2; 256x256, centre-cropped to 252x252).
     #[arg(long, default_value = "lite0")]
     preset: String,
     /// Model input size in pixels: SIZE for a square or HEIGHTxWIDTH.
@@ -261,8 +263,9 @@ fn parse_size(text: &str, what: &str) -> Result<[usize; 2]> {
 fn model_config(args: &TrainArgs) -> Result<ModelConfig> {
     let mut cfg = ModelConfig::preset(&args.preset).ok_or_else(|| {
         UsageError(format!(
-            "unknown preset {:?}: expected lite0, b5 or resnet18",
-            args.preset
+            "unknown preset {:?}: expected one of {}",
+            args.preset,
+            ModelConfig::preset_names().join(", ")
         ))
     })?;
     if let Some(size) = &args.input_size {

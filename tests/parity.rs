@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Numerical parity with anomalib 2.7.0's PatchFlow on EfficientNet and ResNet backbones.
+//! Numerical parity with anomalib 2.7.0's PatchFlow on EfficientNet, ResNet and DINOv2
+//! ViT backbones.
 //!
 //! `scripts/reference/make_fixtures.py` built anomalib's `PatchflowModel` with weights
 //! from the deterministic generator (`patchflow::model::synthetic`) and saved its
 //! inputs and outputs under `tests/fixtures/parity/`. These tests regenerate the same
-//! weights in Rust and run the port on the same inputs. They compare every stage: the
-//! pre-processing, the backbone features per scale and layer, the fused features, the
-//! adaptor output, `z`, the log-determinant, the loss, the anomaly map and the score.
+//! weights in Rust and run the port on the same inputs. They compare the
+//! pre-processing, the backbone features per scale and layer, `z`, the log-determinant,
+//! the loss, the anomaly map and the score. The fused and adapted features between the
+//! backbone and the flow are not stored, to keep the fixtures small.
 
 mod support;
 
@@ -28,12 +30,12 @@ const MAX_ABS_DIFF: f32 = 1e-4;
 
 /// Largest difference allowed for the log-determinant, relative to `max(|logdet|, 1)`.
 /// The log-determinant is a float32 sum over `flow_steps * C/2 * H * W` coupling scales
-/// (each in (-2, 2)) plus `H * W * sum_c ln g`, about 45 to 165 on these inputs. The
-/// per-element differences of the scales (about 1e-6, like those of `z`) add up over
-/// those thousands of terms, and so does the rounding of a sum in another order than
-/// PyTorch's. An absolute bound of [`MAX_ABS_DIFF`] would therefore test the summation
+/// (each in (-2, 2)) plus `H * W * sum_c ln g`, about 3 to 220 in magnitude on these
+/// inputs. The per-element differences of the scales (about 1e-6, like those of `z`)
+/// add up over those thousands of terms, and so does the rounding of a sum in another
+/// order than PyTorch's. An absolute bound of [`MAX_ABS_DIFF`] would therefore test the summation
 /// order rather than the port. The largest relative difference this test measured on
-/// x86-64 is 7.4e-7.
+/// x86-64 is 2.6e-6 (dinov2_small_60x46, an absolute difference of 7.6e-6).
 const LOGDET_MAX_REL_DIFF: f64 = 1e-5;
 
 struct Fixture {
@@ -195,22 +197,18 @@ fn check_model_case(name: &str) {
         assert_close(name, &group, feature, fixture.tensor(&group));
     }
     let fused = model.fuse(&features).unwrap();
-    assert_close(name, "fused", &fused, fixture.tensor("fused"));
-    assert_close(
-        name,
-        "adapted",
-        &model.adapt(&fused).unwrap(),
-        fixture.tensor("adapted"),
-    );
-
     let (z, logdet) = model.flow_forward(&fused, false).unwrap();
     assert_close(name, "z", &z, fixture.tensor("z"));
     let expected_logdet = fixture.tensor("logdet").to_vec1::<f32>().unwrap();
     let actual_logdet = logdet.to_vec1::<f32>().unwrap();
     assert_eq!(actual_logdet.len(), expected_logdet.len(), "{name}: logdet");
     for (a, e) in actual_logdet.iter().zip(&expected_logdet) {
-        let rel = f64::from((a - e).abs()) / f64::from(e.abs()).max(1.0);
-        println!("{name:<24} {:<12} rel diff {rel:.3e} (value {e})", "logdet");
+        let abs = f64::from((a - e).abs());
+        let rel = abs / f64::from(e.abs()).max(1.0);
+        println!(
+            "{name:<24} {:<12} rel diff {rel:.3e}, abs diff {abs:.3e} (value {e})",
+            "logdet"
+        );
         assert!(
             rel <= LOGDET_MAX_REL_DIFF,
             "{name} logdet: {a} vs anomalib {e}, relative diff {rel:e} exceeds {LOGDET_MAX_REL_DIFF:e}"
@@ -257,6 +255,31 @@ fn resnet18_non_square_matches_anomalib() {
 #[test]
 fn wide_resnet50_2_matches_anomalib() {
     check_model_case("wide_resnet50_2_32");
+}
+
+#[test]
+fn resnet34_matches_anomalib() {
+    check_model_case("resnet34_64");
+}
+
+#[test]
+fn resnet50_non_square_matches_anomalib() {
+    check_model_case("resnet50_48x64");
+}
+
+#[test]
+fn b5_non_square_matches_anomalib() {
+    check_model_case("b5_64x48");
+}
+
+#[test]
+fn dinov2_small_floor_crop_matches_anomalib() {
+    check_model_case("dinov2_small_60x46");
+}
+
+#[test]
+fn dinov2_base_crop_size_matches_anomalib() {
+    check_model_case("dinov2_base_crop");
 }
 
 #[derive(serde::Deserialize)]

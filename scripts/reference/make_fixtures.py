@@ -40,14 +40,23 @@ tensor                                 range
 ``*.running_mean``                     [-0.1, 0.1]
 ``*.running_var``                      [0.5, 1.5]
 ``*.se.conv_expand.bias``              [1, 3]
-other 1-D ``*.weight`` (BatchNorm)     [0.5, 1.5]
+``*.cls_token``, ``*.pos_embed``       [-1, 1]
+other 1-D ``*.weight`` (BatchNorm,     [0.5, 1.5]
+LayerNorm) and 1-D ``*.gamma``
+(LayerScale)
 other 1-D ``*.bias``                   [-0.1, 0.1]
 ``backbone.layer*.conv2.weight``,      +-sqrt(1 / fan_in)
-``backbone.layer*.conv3.weight``
+``backbone.layer*.conv3.weight``,
+``backbone.blocks.{s}.{i}.conv_pwl
+.weight`` and ``backbone.blocks.0.{i}
+.conv_pw.weight`` for i >= 1
 ``backbone.*.weight`` except           +-sqrt(6 / fan_in)
-``*.conv_pwl.weight`` and
-``*.downsample.0.weight``
-any other weight (4-D)                 +-sqrt(3 / fan_in)
+``*.conv_pwl.weight``,
+``*.downsample.0.weight``,
+``*.attn.qkv.weight``,
+``*.attn.proj.weight`` and
+``*.mlp.fc2.weight``
+any other weight (2-D or 4-D)          +-sqrt(3 / fan_in)
 =====================================  ==========================================
 
 with ``fan_in`` the product of all dimensions but the first. Most backbone
@@ -57,8 +66,13 @@ adaptor and the flow subnet keep unit gain. The squeeze-excite gate bias keeps t
 gate near sigmoid(2) ~ 0.88 instead of 0.5, which would halve the output of every SE
 block. With unit gain everywhere the B0 features shrink to about 0.1 and the map
 crowds near -1, and with Kaiming bounds on ``conv_pwl`` too they grow to about 100
-and the map saturates at 0. With the ranges above the features stay O(1) to O(10),
-and on the committed fixtures the map lies between about -0.98 and -0.48.
+and the map saturates at 0. With the ranges above the features stay O(1) to O(10).
+
+EfficientNet blocks other than the first of a stage add their branch to the input.
+The last convolution of that branch (``conv_pwl``, or ``conv_pw`` in the
+depthwise-separable stage 0) uses +-sqrt(1 / fan_in). Without that rule the
+tf_efficientnet_b5 features, with up to 9 such blocks in a stage, reach about 360 on
+a 64x48 input and the map saturates at 0. With it they stay below about 6.
 
 The ResNet rules (``layer*`` and ``downsample`` names, which no EfficientNet tensor
 has) exist because generated running statistics do not normalise anything. With
@@ -67,6 +81,20 @@ its input, and the wide_resnet50_2 features reach about 3.5e4 on a 64x64 input. 
 small bound on the residual branch's later convolutions and unit gain on the
 projection shortcut keep the ResNet-18, -34 and wide ResNet-50 features at most
 about 40 (measured on a 96x64 random input).
+
+DINOv2 ViT tensors (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.{i}.*`` with ``norm1``, ``attn``, ``ls1``, ``norm2``, ``mlp`` and ``ls2``,
+and ``norm``) use the rules above as follows. The class token and the position
+embedding lie in [-1, 1], so the position embedding is a large part of every token:
+resampling it bilinearly instead of bicubically changes the ViT-S fixture features
+by up to 0.9. LayerNorm scales and LayerScale share the BatchNorm scale range, and
+LayerNorm biases the bias range. The linear layers that feed no activation
+(``attn.qkv``, ``attn.proj``, ``mlp.fc2``) keep unit gain, and ``mlp.fc1`` (before
+GELU) and the patch embedding use Kaiming bounds. The ViT features are outputs of the
+final LayerNorm, so they stay O(1): at most about 5.4 in absolute value on the
+committed fixtures.
+
+On the committed fixtures the map lies between about -0.99 and -0.03.
 
 ``w_perm`` of shape (C, C, 1, 1) is the permutation ``perm`` that sorts ``key_0 ..
 key_{C-1}`` of its own name in ascending order (stable): ``w_perm[i, perm[i]] = 1``.
@@ -80,6 +108,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -195,6 +224,86 @@ MODEL_CASES = [
         "norm": IMAGENET,
         "images": ["gravel.png"],
     },
+    {
+        # timm ResNet-34 (BasicBlock, 3-4-6-3 blocks).
+        "name": "resnet34_64",
+        "backbone": "resnet34",
+        "input_size": [64, 64],
+        "crop_size": None,
+        "num_scales": 3,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 64,
+        "flow_hidden_dim": 64,
+        "resize": "bilinear",
+        "norm": IMAGENET,
+        "images": ["coffee.png"],
+    },
+    {
+        # timm ResNet-50 (Bottleneck, width x1) on a non-square input.
+        "name": "resnet50_48x64",
+        "backbone": "resnet50",
+        "input_size": [48, 64],
+        "crop_size": None,
+        "num_scales": 2,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 64,
+        "flow_hidden_dim": 64,
+        "resize": "antialias",
+        "norm": IMAGENET,
+        "images": ["chelsea.png"],
+    },
+    {
+        # anomalib's default backbone, tf_efficientnet_b5 (squeeze-excite in every
+        # block, BatchNorm eps 1e-3), at a small non-square size: blocks.6 is 2x2, 1x1
+        # and 1x1 at the three scales.
+        "name": "b5_64x48",
+        "backbone": "tf_efficientnet_b5",
+        "input_size": [64, 48],
+        "crop_size": None,
+        "num_scales": 3,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 64,
+        "flow_hidden_dim": 64,
+        "resize": "antialias",
+        "norm": IMAGENET,
+        "images": ["gravel.png"],
+    },
+    {
+        # DINOv2 ViT-S/14 at a size that is no multiple of 14: anomalib floors 60x46 to
+        # 56x42 and centre-crops (top 2, left 2). The grids are 4x3 and, from a 28x14
+        # input, 2x1, so the 37x37 position embedding is resampled to 4, 3, 2 and 1.
+        "name": "dinov2_small_60x46",
+        "backbone": "vit_small_patch14_dinov2",
+        "input_size": [60, 46],
+        "crop_size": None,
+        "num_scales": 2,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 64,
+        "flow_hidden_dim": 64,
+        "resize": "antialias",
+        "norm": IMAGENET,
+        "images": ["chelsea.png"],
+    },
+    {
+        # DINOv2 ViT-B/14 with a crop_size that is no multiple of 14: 58x60 is floored
+        # to 56x56, and the three scales run at 56, 28 and 14 pixels (grids 4, 2, 1).
+        "name": "dinov2_base_crop",
+        "backbone": "vit_base_patch14_dinov2",
+        "input_size": [64, 64],
+        "crop_size": [58, 60],
+        "num_scales": 3,
+        "patch_size": 3,
+        "flow_steps": 1,
+        "flow_feature_dim": 32,
+        "flow_hidden_dim": 32,
+        "resize": "bilinear",
+        "norm": IMAGENET,
+        "images": ["coffee.png"],
+    },
 ]
 
 # Pre-processing only: a 451x300 RGB photo to other sizes with both resize paths,
@@ -217,10 +326,19 @@ SAMPLED_TENSORS = [
     "backbone.blocks.1.0.bn1.running_var",
     "backbone.blocks.1.0.se.conv_expand.bias",
     "backbone.blocks.6.0.conv_pwl.weight",
+    "backbone.blocks.1.1.conv_pwl.weight",
+    "backbone.blocks.0.1.conv_pw.weight",
     "backbone.conv1.weight",
     "backbone.layer1.0.conv2.weight",
     "backbone.layer2.0.downsample.0.weight",
     "backbone.layer3.0.conv3.weight",
+    "backbone.cls_token",
+    "backbone.pos_embed",
+    "backbone.blocks.0.norm1.weight",
+    "backbone.blocks.0.attn.qkv.weight",
+    "backbone.blocks.0.ls1.gamma",
+    "backbone.blocks.0.mlp.fc1.weight",
+    "backbone.blocks.0.mlp.fc2.weight",
     "feature_adaptor.bias",
     "flow.module_list.0.global_scale",
     "flow.module_list.0.subnet.2.weight",
@@ -274,6 +392,23 @@ def element_keys(name: str, n: int):
     return z ^ (z >> u64(31))
 
 
+# Backbone weights that feed no activation and keep unit gain.
+UNIT_GAIN_SUFFIXES = (
+    ".conv_pwl.weight",
+    ".downsample.0.weight",
+    ".attn.qkv.weight",
+    ".attn.proj.weight",
+    ".mlp.fc2.weight",
+)
+
+
+# The last convolution of an EfficientNet residual branch: the projection of every
+# inverted-residual block, or the pointwise convolution of every depthwise-separable
+# block in stage 0, except the first block of a stage, which has no skip connection.
+EFFICIENTNET_RESIDUAL_PROJECTION = re.compile(
+    r"backbone\.blocks\.(?:\d+\.[1-9]\d*\.conv_pwl|0\.[1-9]\d*\.conv_pw)\.weight")
+
+
 def value_range(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """Return the (lo, hi) range of a tensor, as the table in the module docstring."""
     if name.endswith(".global_scale"):
@@ -284,17 +419,20 @@ def value_range(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return 0.5, 1.5
     if name.endswith(".se.conv_expand.bias"):
         return 1.0, 3.0
-    if len(shape) == 1 and name.endswith(".weight"):
+    if name.endswith((".cls_token", ".pos_embed")):
+        return -1.0, 1.0
+    if len(shape) == 1 and name.endswith((".weight", ".gamma")):
         return 0.5, 1.5
     if len(shape) == 1 and name.endswith(".bias"):
         return -0.1, 0.1
     if len(shape) < 2 or not name.endswith(".weight"):
         raise ValueError(f"no generator rule for tensor {name} with shape {shape}")
     fan_in = math.prod(shape[1:])
-    if name.startswith("backbone.layer") and name.endswith((".conv2.weight", ".conv3.weight")):
+    resnet_branch = name.startswith("backbone.layer") and name.endswith(
+        (".conv2.weight", ".conv3.weight"))
+    if resnet_branch or EFFICIENTNET_RESIDUAL_PROJECTION.fullmatch(name):
         gain = 1.0
-    elif name.startswith("backbone.") and not name.endswith(
-            (".conv_pwl.weight", ".downsample.0.weight")):
+    elif name.startswith("backbone.") and not name.endswith(UNIT_GAIN_SUFFIXES):
         gain = 6.0
     else:
         gain = 3.0
@@ -464,14 +602,18 @@ def make_model_case(case: dict) -> tuple[dict, dict]:
     x = torch.stack([prep(load_image(f)) for f in case["images"]])
 
     with torch.no_grad():
-        # The same steps as PatchflowModel.forward, kept apart to save each stage.
+        # The same steps as PatchflowModel.forward, kept apart to save each stage. For
+        # DINOv2 the model switches cropping on itself, with the size floored to 14.
         cropped = x
-        if case["crop_size"]:
-            ch, cw = case["crop_size"]
+        if model.crop_size is not None:
+            ch, cw = model.crop_size
             top = (x.shape[2] - ch) // 2
             left = (x.shape[3] - cw) // 2
             cropped = x[:, :, top:top + ch, left:left + cw]
-        features = model._extract_cnn_features(cropped)
+        if model.is_dinov2:
+            features = model._extract_dinov2_features(cropped)
+        else:
+            features = model._extract_cnn_features(cropped)
         fused = model._fuse_features(features)
         adapted = model.feature_adaptor(fused)
         z, logdet = model.flow(adapted)
@@ -480,9 +622,9 @@ def make_model_case(case: dict) -> tuple[dict, dict]:
 
     tensors = {"input": x}
     tensors.update({f"features.{i}": f for i, f in enumerate(features)})
+    # The fused and adapted features are left out: they are large, and the features
+    # before them and z after them pin them down.
     tensors.update({
-        "fused": fused,
-        "adapted": adapted,
         "z": z,
         "logdet": logdet,
         "loss": loss.reshape(1),
@@ -490,9 +632,11 @@ def make_model_case(case: dict) -> tuple[dict, dict]:
         "score": out.pred_score.reshape(-1),
     })
     print(f"{case['name']}: {case['backbone']} input {case['input_size']} "
-          f"crop {case['crop_size']}, {len(shapes)} tensors")
+          f"crop {case['crop_size']} (model crop {model.crop_size}), {len(shapes)} tensors")
     for name, t in tensors.items():
         describe(name, t)
+    describe("fused", fused)
+    describe("adapted", adapted)
     half_mean_z2 = 0.5 * (z.double() ** 2).mean(dim=1)
     print(f"  0.5 mean_c z^2 from {half_mean_z2.min().item():.4g} to "
           f"{half_mean_z2.max().item():.4g}")
@@ -538,7 +682,14 @@ def main() -> None:
     parser.add_argument("--no-venv", action="store_true",
                         help="run in the current interpreter, which must have the "
                              "packages of requirements.txt and anomalib 2.7.0")
+    parser.add_argument("--case", action="append", default=[], metavar="NAME",
+                        help="write only this case (repeatable; 'resize' for the "
+                             "pre-processing cases); default: every case")
     args = parser.parse_args()
+    known = {case["name"] for case in MODEL_CASES} | {"resize"}
+    unknown = sorted(set(args.case) - known)
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if not args.no_venv and not in_venv(args.venv):
         ensure_venv(args.venv)
 
@@ -551,17 +702,20 @@ def main() -> None:
     torch.set_grad_enabled(False)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for case in MODEL_CASES:
+        if args.case and case["name"] not in args.case:
+            continue
         tensors, metadata = make_model_case(case)
         save(OUT_DIR / f"{case['name']}.safetensors", tensors, metadata)
-    resize_tensors = {}
-    resize_meta = {"versions": versions()}
-    for case in RESIZE_CASES:
-        tensors, metadata = make_resize_case(case)
-        resize_tensors[case["name"]] = tensors["output"]
-        resize_meta[case["name"]] = json.dumps(
-            {k: json.loads(v) if k in ("size", "preprocess") else v
-             for k, v in metadata.items() if k != "versions"})
-    save(OUT_DIR / "resize.safetensors", resize_tensors, resize_meta)
+    if not args.case or "resize" in args.case:
+        resize_tensors = {}
+        resize_meta = {"versions": versions()}
+        for case in RESIZE_CASES:
+            tensors, metadata = make_resize_case(case)
+            resize_tensors[case["name"]] = tensors["output"]
+            resize_meta[case["name"]] = json.dumps(
+                {k: json.loads(v) if k in ("size", "preprocess") else v
+                 for k, v in metadata.items() if k != "versions"})
+        save(OUT_DIR / "resize.safetensors", resize_tensors, resize_meta)
     total = sum(p.stat().st_size for p in OUT_DIR.glob("*.safetensors"))
     print(f"wrote {OUT_DIR.relative_to(REPO)}: {total / 1e6:.2f} MB in total")
 

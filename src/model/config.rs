@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::backbone::BackboneConfig;
 use crate::imageops::ResizeMode;
 
 /// ImageNet channel means, as used by timm's ImageNet backbones and anomalib's default
@@ -99,27 +100,82 @@ impl ModelConfig {
         }
     }
 
-    /// Looks a preset up by name (`lite0`, `b5`, `resnet18`) or by backbone name.
+    /// Returns a DINOv2 ViT (`vit_small_patch14_dinov2`, `vit_base_patch14_dinov2` or
+    /// `vit_large_patch14_dinov2`) at 256x256 with ImageNet normalisation. The backbone
+    /// works on the centre 252x252, an 18x18 grid of 14-pixel patches.
+    pub fn dinov2(backbone: &str) -> Self {
+        Self {
+            backbone: backbone.into(),
+            preprocess: Preprocess::imagenet(),
+            ..Self::lite0()
+        }
+    }
+
+    /// Names accepted by [`ModelConfig::preset`].
+    pub fn preset_names() -> Vec<&'static str> {
+        vec![
+            "lite0",
+            "b5",
+            "resnet18",
+            "vit_small_patch14_dinov2",
+            "vit_base_patch14_dinov2",
+            "vit_large_patch14_dinov2",
+        ]
+    }
+
+    /// Looks a preset up by name (see [`ModelConfig::preset_names`]) or by backbone name.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "lite0" | "tf_efficientnet_lite0" => Some(Self::lite0()),
             "b5" | "tf_efficientnet_b5" => Some(Self::b5()),
             "resnet18" => Some(Self::resnet18()),
+            "vit_small_patch14_dinov2" | "vit_base_patch14_dinov2" | "vit_large_patch14_dinov2" => {
+                Some(Self::dinov2(name))
+            }
             _ => None,
         }
     }
 
-    /// Size the backbone works at: the crop if one is set, else the input size.
+    /// Number that the backbone needs every input side to be a multiple of (see
+    /// [`BackboneConfig::input_multiple`]); 1 for unknown backbones, which
+    /// [`super::PatchFlow::new`] rejects anyway.
+    pub fn input_multiple(&self) -> usize {
+        BackboneConfig::from_name(&self.backbone).map_or(1, |b| b.input_multiple())
+    }
+
+    /// Size the backbone works at: the crop if one is set, else the input size, with
+    /// each side floored to [`ModelConfig::input_multiple`]. anomalib floors the same way
+    /// for DINOv2, so 768x768 becomes 756x756.
     pub fn internal_size(&self) -> [usize; 2] {
-        self.crop_size.unwrap_or(self.input_size)
+        let [h, w] = self.crop_size.unwrap_or(self.input_size);
+        let m = self.input_multiple();
+        [h / m * m, w / m * m]
+    }
+
+    /// Tells whether the input is centre-cropped to [`ModelConfig::internal_size`] before
+    /// the backbone: when `crop_size` is set, or when flooring changed the input size.
+    pub fn is_cropped(&self) -> bool {
+        self.internal_size() != self.input_size
+    }
+
+    /// Size of the backbone input at scale `s`: the internal size divided by `2^s`
+    /// (integer division), each side floored to [`ModelConfig::input_multiple`].
+    pub fn scale_size(&self, s: usize) -> [usize; 2] {
+        let [h, w] = self.internal_size();
+        let m = self.input_multiple();
+        [(h >> s) / m * m, (w >> s) / m * m]
     }
 
     /// Checks the values that would otherwise fail deep inside a forward pass.
     pub fn validate(&self) -> Result<(), String> {
+        // The flow works on the grid of the backbone's finest stride (8 for the CNNs,
+        // 14 for the ViTs) over the internal size, so that size must hold one cell.
+        let stride = BackboneConfig::from_name(&self.backbone).map_or(8, |b| b.min_stride());
         let [h, w] = self.input_size;
-        if h < 8 || w < 8 {
+        if h < stride || w < stride {
             return Err(format!(
-                "input_size {h}x{w} is too small: each side must be at least 8 pixels"
+                "input_size {h}x{w} is too small for {}: each side must be at least {stride} pixels",
+                self.backbone
             ));
         }
         if let Some([ch, cw]) = self.crop_size
@@ -129,21 +185,25 @@ impl ModelConfig {
                 "crop_size {ch}x{cw} is larger than input_size {h}x{w}"
             ));
         }
-        // The flow works on the stride-8 grid of the (cropped) input, and every scale
-        // needs at least one pixel.
         let [ih, iw] = self.internal_size();
-        if ih < 8 || iw < 8 {
+        if ih < stride || iw < stride {
             return Err(format!(
-                "crop_size {ih}x{iw} is too small: each side must be at least 8 pixels"
+                "crop_size {ih}x{iw} is too small for {}: each side must be at least {stride} pixels",
+                self.backbone
             ));
         }
-        if self.num_scales == 0
-            || self.num_scales > 8
-            || (ih >> (self.num_scales - 1)) == 0
-            || (iw >> (self.num_scales - 1)) == 0
-        {
+        // Every scale needs a backbone input of at least one pixel, or one patch for a
+        // ViT.
+        let multiple = self.input_multiple();
+        let fits = |s: usize| self.scale_size(s).iter().all(|&side| side >= multiple);
+        if self.num_scales == 0 || self.num_scales > 8 || !fits(self.num_scales - 1) {
+            let unit = if multiple == 1 {
+                "1 pixel".to_string()
+            } else {
+                format!("{multiple} pixels")
+            };
             return Err(format!(
-                "num_scales {} does not fit {ih}x{iw}: use 1 to 8 scales, with the smallest scale at least 1 pixel",
+                "num_scales {} does not fit {ih}x{iw}: use 1 to 8 scales, with the smallest scale at least {unit}",
                 self.num_scales
             ));
         }

@@ -3,11 +3,14 @@
 //! it in `anomalib/models/image/patchflow/torch_model.py`.
 //!
 //! The backbone runs at `num_scales` input resolutions (`input / 2^s`, plain bilinear).
-//! Its stride-8, -16 and -32 feature maps are average-pooled (`patch_size`, zero padding
-//! counted), resized to the stride-8 grid and concatenated. A 1x1 adaptor with bias
+//! Its three feature maps (stride 8, 16 and 32 for a CNN, or three blocks at the patch
+//! stride 14 for a DINOv2 ViT) are average-pooled (`patch_size`, zero padding counted),
+//! resized to the grid of the finest stride and concatenated. A 1x1 adaptor with bias
 //! maps them to `flow_feature_dim` channels, and a normalizing flow maps those to `z`.
 //! The anomaly map is `-exp(-0.5 mean_c z^2)` resized to the input, and the image score
-//! is its maximum.
+//! is its maximum. For a ViT every size is floored to a multiple of 14, so an input that
+//! is no multiple of 14 is centre-cropped and the map is padded back with -1 (see
+//! [`ModelConfig::internal_size`]).
 
 pub mod backbone;
 pub mod config;
@@ -17,6 +20,7 @@ pub mod flow;
 pub mod ops;
 pub mod resnet;
 pub mod synthetic;
+pub mod vit;
 pub mod weights;
 
 use candle_core::{D, DType, Device, Result as CandleResult, Tensor};
@@ -128,7 +132,8 @@ impl PatchFlow {
         out
     }
 
-    /// Size (H, W) of the stride-8 grid that the flow works on.
+    /// Size (H, W) of the grid that the flow works on: the internal size divided by the
+    /// finest feature stride.
     pub fn grid_size(&self) -> (usize, usize) {
         let [h, w] = self.config.internal_size();
         let stride = self.backbone.min_stride();
@@ -144,13 +149,13 @@ impl PatchFlow {
     /// `[s0 L2, s0 L3, s0 L4, s1 L2, ...]`.
     pub fn extract(&self, x: &Tensor) -> CandleResult<Vec<Tensor>> {
         let x = self.crop(x)?;
-        let [h, w] = self.config.internal_size();
         let mut feats = Vec::with_capacity(3 * self.config.num_scales);
         for s in 0..self.config.num_scales {
             let xs = if s == 0 {
                 x.clone()
             } else {
-                ops::resize(&x, (h >> s, w >> s), ResizeMode::Bilinear)?
+                let [h, w] = self.config.scale_size(s);
+                ops::resize(&x, (h, w), ResizeMode::Bilinear)?
             };
             feats.extend(self.backbone.features(&xs)?);
         }
@@ -219,9 +224,11 @@ impl PatchFlow {
     }
 
     fn crop(&self, x: &Tensor) -> CandleResult<Tensor> {
-        match self.config.crop_size {
-            Some([h, w]) => ops::centre_crop(x, (h, w)),
-            None => Ok(x.clone()),
+        if self.config.is_cropped() {
+            let [h, w] = self.config.internal_size();
+            ops::centre_crop(x, (h, w))
+        } else {
+            Ok(x.clone())
         }
     }
 
