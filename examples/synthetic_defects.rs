@@ -8,8 +8,10 @@
 //! patchflow eval --model brick.safetensors --dataset data/brick
 //! ```
 //!
-//! Crops (128x128 by default) come from two bands of the texture that do not overlap:
-//! training crops from the top 352 rows, test crops from the rows below. Defects are
+//! Crops (96x96 by default) come from four horizontal bands of equal height: training
+//! crops from the first and third, test crops from the second and fourth. No test crop
+//! shares a pixel with a training crop, and both sets see the top and the bottom of the
+//! texture, which matters for photographed textures with perspective. Defects are
 //! painted onto test crops only:
 //! - `crack`: a dark random-walk line, 2 to 3 pixels wide;
 //! - `stain`: an elliptical blob that darkens or brightens the texture, with a soft edge;
@@ -26,6 +28,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const DEFECTS: [&str; 3] = ["crack", "stain", "foreign"];
+/// Horizontal bands of the texture; even ones give training crops, odd ones test crops.
+const BANDS: u32 = 4;
 
 struct Options {
     texture: PathBuf,
@@ -44,7 +48,7 @@ fn parse_args() -> Result<Options> {
         texture: PathBuf::new(),
         output: PathBuf::new(),
         foreign: PathBuf::from("tests/data/gravel.png"),
-        crop: 128,
+        crop: 96,
         train: 100,
         test_good: 30,
         per_defect: 20,
@@ -52,10 +56,7 @@ fn parse_args() -> Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .with_context(|| format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--foreign" => options.foreign = PathBuf::from(value("--foreign")?),
             "--crop" => options.crop = value("--crop")?.parse().context("--crop")?,
@@ -88,7 +89,7 @@ fn load_gray(path: &Path) -> Result<GrayImage> {
         .to_luma8())
 }
 
-/// Copies a `size` x `size` crop whose top-left corner is drawn from the given ranges.
+/// Copies a `size` x `size` crop at a random position inside the given rows.
 fn random_crop(
     texture: &GrayImage,
     size: u32,
@@ -98,6 +99,13 @@ fn random_crop(
     let x = rng.random_range(0..=texture.width() - size);
     let y = rng.random_range(rows.start..=rows.end - size);
     image::imageops::crop_imm(texture, x, y, size, size).to_image()
+}
+
+/// Copies a crop from one of the bands `first`, `first + 2`, ... of [`BANDS`] bands.
+fn band_crop(texture: &GrayImage, size: u32, first: u32, rng: &mut StdRng) -> GrayImage {
+    let height = texture.height() / BANDS;
+    let band = first + 2 * rng.random_range(0..BANDS / 2);
+    random_crop(texture, size, band * height..(band + 1) * height, rng)
 }
 
 /// Draws a dark random-walk line and marks its pixels in `mask`.
@@ -190,36 +198,35 @@ fn main() -> Result<()> {
     let texture = load_gray(&options.texture)?;
     let foreign = load_gray(&options.foreign)?;
     let size = options.crop;
-    // Test crops need a band at least one crop high below the training rows.
-    let split = texture.height() * 11 / 16;
-    if size < 32 || texture.width() < size || texture.height() - split < size || split < size {
+    let band_height = texture.height() / BANDS;
+    if size < 32 || texture.width() < size || band_height < size {
         bail!(
-            "crop {size} does not fit {}x{} {}: the texture needs {} rows for training and {} for testing",
+            "crop {size} does not fit {}x{} {}: crops must be 32 pixels or more and fit in a band of {band_height} rows",
             texture.width(),
             texture.height(),
             options.texture.display(),
-            split,
-            texture.height() - split
         );
     }
     if foreign.width() < size * 5 / 16 || foreign.height() < size * 5 / 16 {
-        bail!("{} is too small for {size}-pixel crops", options.foreign.display());
+        bail!(
+            "{} is too small for {size}-pixel crops",
+            options.foreign.display()
+        );
     }
 
     let mut rng = StdRng::seed_from_u64(options.seed);
     let out = &options.output;
     for i in 0..options.train {
-        let crop = random_crop(&texture, size, 0..split, &mut rng);
+        let crop = band_crop(&texture, size, 0, &mut rng);
         save(&crop, &out.join(format!("train/good/{i:03}.png")))?;
     }
-    let test_rows = split..texture.height();
     for i in 0..options.test_good {
-        let crop = random_crop(&texture, size, test_rows.clone(), &mut rng);
+        let crop = band_crop(&texture, size, 1, &mut rng);
         save(&crop, &out.join(format!("test/good/{i:03}.png")))?;
     }
     for defect in DEFECTS {
         for i in 0..options.per_defect {
-            let mut crop = random_crop(&texture, size, test_rows.clone(), &mut rng);
+            let mut crop = band_crop(&texture, size, 1, &mut rng);
             let mut mask = GrayImage::new(size, size);
             match defect {
                 "crack" => paint_crack(&mut crop, &mut mask, &mut rng),
@@ -227,7 +234,10 @@ fn main() -> Result<()> {
                 _ => paint_foreign(&mut crop, &mut mask, &foreign, &mut rng),
             }
             save(&crop, &out.join(format!("test/{defect}/{i:03}.png")))?;
-            save(&mask, &out.join(format!("ground_truth/{defect}/{i:03}_mask.png")))?;
+            save(
+                &mask,
+                &out.join(format!("ground_truth/{defect}/{i:03}_mask.png")),
+            )?;
         }
     }
     println!(
