@@ -5,6 +5,7 @@
 //! pretrained CNN) on candle, with the image operations, training, model files and MQTT
 //! publishing that the `patchflowscore` GStreamer element and the `patchflow` CLI use.
 
+pub mod alarm;
 pub mod bench;
 pub mod checkpoint;
 pub mod convert;
