@@ -17,7 +17,7 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
     RankedScores::from_labels(scores, labels).auroc()
 }
 
-/// Whether two sorted neighbours count as one threshold: equal numbers, or the same NaN.
+/// Tells whether two sorted neighbours form one threshold: equal numbers, or the same NaN.
 fn same_value(a: f32, b: f32) -> bool {
     a == b || a.total_cmp(&b).is_eq()
 }
@@ -158,8 +158,8 @@ impl RankedScores {
         curve
     }
 
-    /// The F1-adaptive threshold of anomalib's `F1AdaptiveThreshold` without binning:
-    /// the score that maximises `F1 = 2PR / (P + R + 1e-10)` for the decision
+    /// Computes the F1-adaptive threshold of anomalib's `F1AdaptiveThreshold` without
+    /// binning: the score that maximises `F1 = 2PR / (P + R + 1e-10)` for the decision
     /// `score >= threshold` over every distinct score. Among equal maxima the lowest
     /// threshold wins, as the first `argmax` over ascending thresholds does. Without
     /// anomalous samples it is the highest score, without normal samples the lowest.
@@ -374,6 +374,7 @@ impl RegionScores {
             self.foreground.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
             self.sorted = true;
         }
+
         let (bg, fg) = (&self.background, &self.foreground);
         let background = bg.len() as f64;
         let regions = self.region_sizes.len() as f64;
@@ -382,6 +383,7 @@ impl RegionScores {
         let (mut prev_fpr, mut prev_pro) = (0f64, 0f64);
         let mut area = 0f64;
         while i < bg.len() || j < fg.len() {
+            // The next distinct value from the top, and every value equal to it.
             let threshold = match (bg.get(i), fg.get(j)) {
                 (Some(&b), Some(&(f, _))) => {
                     if b.total_cmp(&f).is_ge() {
@@ -401,9 +403,11 @@ impl RegionScores {
                 overlap_sum += 1.0 / self.region_sizes[fg[j].1 as usize] as f64;
                 j += 1;
             }
+
             let fpr = i as f64 / background;
             let pro = (overlap_sum / regions).min(1.0);
             if fpr > fpr_limit {
+                // Cut the last segment at the limit and stop.
                 if prev_fpr < fpr_limit {
                     let pro_at_limit =
                         prev_pro + (pro - prev_pro) * (fpr_limit - prev_fpr) / (fpr - prev_fpr);
@@ -613,7 +617,7 @@ mod tests {
             true, true, false, false, false, false, false, false, false, false, false, false, false,
         ];
         let mut regions = RegionScores::new();
-        // Region A is the first row; B is alone in the second map.
+        // Region A is the first map, B the second, and the background the third.
         regions.push(&scores[..2], &pixels[..2], 2);
         regions.push(&[0.7], &[true], 1);
         regions.push(&scores[3..], &pixels[3..], 10);
