@@ -10,6 +10,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod convert;
 pub mod device;
+pub mod eval;
 pub mod imageops;
 pub mod line;
 pub mod metrics;

@@ -67,26 +67,13 @@ enum Command {
         #[command(flatten)]
         device: DeviceArg,
     },
-    /// Measure image AUROC and F1 on folders of good and anomalous images.
-    Eval {
-        /// Model file written by `patchflow train`.
-        #[arg(short, long)]
-        model: PathBuf,
-        /// Folder of good images (not used in training).
-        #[arg(long)]
-        good: PathBuf,
-        /// Folder of anomalous images.
-        #[arg(long)]
-        anomalous: PathBuf,
-        /// Normalised score above which an image is anomalous.
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f32,
-        /// Also write the report and the per-image results as JSON to this file.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        #[command(flatten)]
-        device: DeviceArg,
-    },
+    /// Measure anomalib's test metrics on a labelled test set: image and pixel AUROC and
+    /// F1, AUPRO, the F1-adaptive thresholds and per-defect image AUROC.
+    ///
+    /// The test set is an MVTec AD category (--dataset) or a folder of good and one of
+    /// anomalous images (--good, --anomalous, optional --masks). Without masks the
+    /// pixel metrics are reported as n/a (null in the JSON report).
+    Eval(EvalArgs),
     /// Print a model file's configuration, statistics and training summary.
     Info {
         /// Model file.
@@ -119,6 +106,42 @@ enum ConfigCommand {
     },
     /// Print a commented config with every setting.
     Example,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Model file written by `patchflow train`.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// MVTec AD category folder: test/good/*, test/<defect>/* and, for pixel metrics,
+    /// ground_truth/<defect>/<stem>_mask.png.
+    #[arg(long, conflicts_with_all = ["good", "anomalous", "masks"])]
+    dataset: Option<PathBuf>,
+    /// Folder of good images (not used in training).
+    #[arg(long, required_unless_present = "dataset", requires = "anomalous")]
+    good: Option<PathBuf>,
+    /// Folder of anomalous images.
+    #[arg(long, required_unless_present = "dataset", requires = "good")]
+    anomalous: Option<PathBuf>,
+    /// Folder of ground-truth masks <stem>_mask.png (nonzero = defect) for the
+    /// --good/--anomalous images; every anomalous image needs one, a good image without
+    /// one counts as defect-free.
+    #[arg(long, requires = "good")]
+    masks: Option<PathBuf>,
+    /// Normalised score (and anomaly-map value) above which an image (or pixel) is
+    /// anomalous; 0.5 is the model's threshold.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Also write every metric, the thresholds and the per-image results as JSON to
+    /// this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Folder for the PNG plots: ROC curves, a histogram of the image scores and a grid
+    /// of overlays.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
@@ -398,41 +421,50 @@ fn run_predict(
     })
 }
 
-fn run_eval(
-    model: &Path,
-    good: &Path,
-    anomalous: &Path,
-    threshold: f32,
-    report: Option<&Path>,
-    device: &DeviceArg,
-) -> Result<()> {
-    check_unit_range("--threshold", threshold)?;
-    let good_files = train::list_images(good).map_err(|e| UsageError(format!("{e:#}")))?;
-    let bad_files = train::list_images(anomalous).map_err(|e| UsageError(format!("{e:#}")))?;
-    if let Some(path) = report {
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    use patchflow::eval::{self, EvalOptions, dataset::Dataset, plots};
+    check_unit_range("--threshold", args.threshold)?;
+    let dataset = match (&args.dataset, &args.good, &args.anomalous) {
+        (Some(root), _, _) => Dataset::mvtec(root),
+        (None, Some(good), Some(anomalous)) => {
+            Dataset::folders(good, anomalous, args.masks.as_deref())
+        }
+        _ => unreachable!("clap requires --dataset or --good and --anomalous"),
+    }
+    .map_err(|e| UsageError(format!("{e:#}")))?;
+    if let Some(path) = &args.report {
         create_parent(path)?;
     }
-    let scorer = load_scorer(model, device)?;
-    let good_results = predict::predict(&scorer, &good_files, threshold, None, 0.0)?;
-    let bad_results = predict::predict(&scorer, &bad_files, threshold, None, 0.0)?;
-    let summary = predict::evaluate(&good_results, &bad_results, threshold);
-    let auroc = summary
-        .image_auroc
-        .map_or("n/a".to_string(), |a| format!("{a:.4}"));
-    println!(
-        "image AUROC {auroc}, image F1 {:.4}, accuracy {:.4} at threshold {} ({} good, {} anomalous; TP {} FP {} TN {} FN {})",
-        summary.image_f1,
-        summary.accuracy,
-        threshold,
-        summary.good_images,
-        summary.anomalous_images,
-        summary.true_positive,
-        summary.false_positive,
-        summary.true_negative,
-        summary.false_negative
-    );
-    if let Some(path) = report {
-        let doc = serde_json::json!({ "summary": summary, "good": good_results, "anomalous": bad_results });
+    if let Some(dir) = &args.plots {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create plot folder {}", dir.display()))?;
+    }
+    let scorer = load_scorer(&args.model, &args.device)?;
+    let options = EvalOptions {
+        threshold: args.threshold,
+        thumbnail_width: args.plots.as_ref().map(|_| plots::GRID_CELL_WIDTH),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ..EvalOptions::default()
+    };
+    let images = eval::score_dataset(&scorer, &dataset, &options)?;
+    let mut evaluation = eval::evaluate(&images, &scorer.meta().stats, dataset.has_masks, &options);
+    for line in evaluation.report.text_lines() {
+        println!("{line}");
+    }
+    if let Some(dir) = &args.plots {
+        evaluation.report.plots = Some(plots::write_plots(dir, &evaluation, &images)?);
+        eprintln!("wrote plots to {}", dir.display());
+    }
+    if let Some(path) = &args.report {
+        let mut doc = serde_json::to_value(&evaluation.report)?;
+        doc["model"] = serde_json::json!(args.model);
+        if evaluation.report.plots.is_some() {
+            let colours: serde_json::Map<String, serde_json::Value> = plots::COLOURS
+                .iter()
+                .map(|(what, colour)| (what.to_string(), serde_json::json!(colour)))
+                .collect();
+            doc["plots"]["colours"] = serde_json::Value::Object(colours);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
@@ -560,21 +592,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             *alpha,
             device,
         )?,
-        Command::Eval {
-            model,
-            good,
-            anomalous,
-            threshold,
-            report,
-            device,
-        } => run_eval(
-            model,
-            good,
-            anomalous,
-            *threshold,
-            report.as_deref(),
-            device,
-        )?,
+        Command::Eval(args) => run_eval(args)?,
         Command::Info { model } => run_info(model)?,
         Command::Bench(args) => run_bench(args)?,
         Command::Run { config } => return patchflow::line::run_file(config),

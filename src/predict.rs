@@ -1,6 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Scoring image files: per-image results, overlay images and a good-versus-anomalous
-//! evaluation.
+//! Scoring image files: per-image results and overlay images.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -8,8 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::imageops::{Colormap, PixelLayout, blend_heatmap, load_rgb_chw};
-use crate::metrics::{Confusion, auroc};
+use crate::imageops::{Colormap, HeatMap, PixelLayout, blend_heatmap, load_rgb_chw};
 use crate::scoring::{FrameScore, Scorer, Threshold};
 use crate::train::list_images;
 
@@ -53,14 +51,9 @@ pub fn score_file(scorer: &Scorer, path: &Path) -> Result<(FrameScore, Vec<f32>,
     Ok((result, chw, (h, w)))
 }
 
-/// Writes the image with the heatmap blended on as an 8-bit RGB PNG.
-pub fn write_overlay(
-    path: &Path,
-    chw: &[f32],
-    (h, w): (usize, usize),
-    result: &FrameScore,
-    alpha: f32,
-) -> Result<()> {
+/// Converts a planar RGB image (3, H, W) in [0, 1] to packed 8-bit RGB with the heatmap
+/// blended on (JET colours, `alpha` the heatmap's opacity).
+pub fn overlay_rgb(chw: &[f32], (h, w): (usize, usize), heat: &HeatMap, alpha: f32) -> Vec<u8> {
     let mut rgb = vec![0u8; 3 * h * w];
     for (i, px) in rgb.chunks_exact_mut(3).enumerate() {
         for (c, v) in px.iter_mut().enumerate() {
@@ -71,10 +64,22 @@ pub fn write_overlay(
         &mut rgb,
         (w, h, 3 * w),
         PixelLayout::Rgb,
-        &result.heat,
+        heat,
         Colormap::Jet,
         alpha,
     );
+    rgb
+}
+
+/// Writes the image with the heatmap blended on as an 8-bit RGB PNG.
+pub fn write_overlay(
+    path: &Path,
+    chw: &[f32],
+    (h, w): (usize, usize),
+    result: &FrameScore,
+    alpha: f32,
+) -> Result<()> {
+    let rgb = overlay_rgb(chw, (h, w), &result.heat, alpha);
     image::save_buffer(
         path,
         &rgb,
@@ -164,50 +169,6 @@ pub fn predict(
         Ok(())
     })?;
     Ok(results)
-}
-
-/// Image-level evaluation of good against anomalous images.
-#[derive(Debug, Clone, Serialize)]
-pub struct EvalReport {
-    pub good_images: usize,
-    pub anomalous_images: usize,
-    pub image_auroc: Option<f64>,
-    /// F1 of the model's decision at `threshold` (normalised score).
-    pub image_f1: f64,
-    pub accuracy: f64,
-    pub threshold: f32,
-    pub true_positive: usize,
-    pub false_positive: usize,
-    pub true_negative: usize,
-    pub false_negative: usize,
-}
-
-/// Computes image AUROC (on raw scores) and F1 at the threshold from predictions.
-pub fn evaluate(good: &[ImageResult], anomalous: &[ImageResult], threshold: f32) -> EvalReport {
-    let scores: Vec<f32> = good.iter().chain(anomalous).map(|r| r.score).collect();
-    let labels: Vec<bool> = good
-        .iter()
-        .map(|_| false)
-        .chain(anomalous.iter().map(|_| true))
-        .collect();
-    let predicted: Vec<bool> = good
-        .iter()
-        .chain(anomalous)
-        .map(|r| r.is_anomalous)
-        .collect();
-    let confusion = Confusion::new(&predicted, &labels);
-    EvalReport {
-        good_images: good.len(),
-        anomalous_images: anomalous.len(),
-        image_auroc: auroc(&scores, &labels),
-        image_f1: confusion.f1(),
-        accuracy: confusion.accuracy(),
-        threshold,
-        true_positive: confusion.true_positive,
-        false_positive: confusion.false_positive,
-        true_negative: confusion.true_negative,
-        false_negative: confusion.false_negative,
-    }
 }
 
 #[cfg(test)]

@@ -225,6 +225,21 @@ impl FrameScore {
     }
 }
 
+/// Raw model output for one image, before normalisation.
+#[derive(Debug, Clone)]
+pub struct RawScore {
+    /// Image score: the maximum of the anomaly map before any crop padding, in [-1, 0].
+    pub score: f32,
+    /// Log score: the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
+    /// Anomaly map at the model's input size, row-major, in [-1, 0].
+    pub map: Vec<f32>,
+    pub width: usize,
+    pub height: usize,
+    /// Per-patch `0.5 mean_c z^2` on the flow grid.
+    pub log_patches: HeatMap,
+}
+
 /// A loaded model with its statistics, ready to score images.
 #[derive(Debug)]
 pub struct Scorer {
@@ -258,6 +273,28 @@ impl Scorer {
         chw: &[f32],
         (h, w): (usize, usize),
     ) -> candle_core::Result<FrameScore> {
+        let raw = self.score_chw_raw(chw, (h, w))?;
+        let stats = &self.meta.stats;
+        Ok(FrameScore {
+            score: raw.score,
+            normalized_score: stats.normalize_image(raw.score),
+            log_score: raw.log_score,
+            heat: HeatMap {
+                width: raw.width,
+                height: raw.height,
+                values: raw.map.iter().map(|&v| stats.normalize_pixel(v)).collect(),
+            },
+            log_patches: raw.log_patches,
+        })
+    }
+
+    /// Scores a planar RGB image (3, H, W) with values in [0, 1] and returns the raw
+    /// score and anomaly map, before normalisation.
+    pub fn score_chw_raw(
+        &self,
+        chw: &[f32],
+        (h, w): (usize, usize),
+    ) -> candle_core::Result<RawScore> {
         let x = self.model.preprocess(chw, (h, w))?;
         let out = self.model.forward(&x)?;
         let score = out.score.flatten_all()?.to_vec1::<f32>()?[0];
@@ -268,25 +305,15 @@ impl Scorer {
                 "the model produced a non-finite score ({score}); its weights or this input are invalid"
             );
         }
-        let (_, _, mh, mw) = out.anomaly_map.dims4()?;
-        let stats = &self.meta.stats;
-        let values = out
-            .anomaly_map
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|v| stats.normalize_pixel(v))
-            .collect();
+        let (_, _, height, width) = out.anomaly_map.dims4()?;
+        let map = out.anomaly_map.flatten_all()?.to_vec1::<f32>()?;
         let (_, _, gh, gw) = out.log_map.dims4()?;
-        Ok(FrameScore {
+        Ok(RawScore {
             score,
-            normalized_score: stats.normalize_image(score),
             log_score,
-            heat: HeatMap {
-                width: mw,
-                height: mh,
-                values,
-            },
+            map,
+            width,
+            height,
             log_patches: HeatMap {
                 width: gw,
                 height: gh,
