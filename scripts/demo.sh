@@ -8,7 +8,8 @@
 # the broker.
 #
 # Outputs in demo-output/: overlay.avi, overlays/*.png, predict.jsonl, eval.txt,
-# eval.json, mqtt.log (every message the broker delivered), train.log, run.log.
+# eval.json, eval-plots/*.png, mqtt.log (every message the broker delivered),
+# train.log, run.log.
 # Environment: DEMO_EPOCHS (default 10), DEMO_RETRAIN=1 to train again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ pf=./target/release/patchflow
 demo=data/demo
 out=demo-output
 mkdir -p "$out"
-rm -rf "$out/overlays" "$out/overlay.avi" "$out/mqtt.log"
+rm -rf "$out/overlays" "$out/eval-plots" "$out/overlay.avi" "$out/mqtt.log"
 
 if [ ! -d "$demo/video" ]; then
   python3 scripts/prepare_elpv.py --wheel "$elpv_wheel" --out "$demo" --type mono \
@@ -39,7 +40,8 @@ fi
 
 echo "evaluating on held-out cells..."
 "$pf" eval --model "$demo/model.safetensors" --good "$demo/test/good" \
-  --anomalous "$demo/test/defective" --report "$out/eval.json" | tee "$out/eval.txt"
+  --anomalous "$demo/test/defective" --report "$out/eval.json" --plots "$out/eval-plots" \
+  | tee "$out/eval.txt"
 "$pf" predict --model "$demo/model.safetensors" --output-dir "$out/overlays" \
   $(ls "$demo"/test/good/*.png | head -3) $(ls "$demo"/test/defective/*.png | head -3) > "$out/predict.jsonl"
 
@@ -71,7 +73,7 @@ frames=$(wc -l < "$out/mqtt.log")
 anomalous=$(grep -c '"is_anomalous":true' "$out/mqtt.log" || true)
 echo
 echo "demo done:"
-echo "  $(cat "$out/eval.txt")"
+sed 's/^/  /' "$out/eval.txt"
 echo "  $out/overlay.avi: $(du -h "$out/overlay.avi" | cut -f1) of video with the heatmap overlay"
 echo "  $out/overlays/: $(ls "$out/overlays" | wc -l) overlay PNGs of test cells"
 echo "  $out/mqtt.log: $frames messages received by the broker ($anomalous anomalous); first one:"

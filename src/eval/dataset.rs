@@ -189,7 +189,8 @@ pub fn load_mask(
         .with_context(|| format!("cannot read mask {}", path.display()))?
         .decode()
         .with_context(|| format!("cannot decode mask {}", path.display()))?;
-    // 16-bit samples keep every nonzero 8-bit, 16-bit or float value nonzero.
+    // Converting to 16 bits keeps every nonzero 8-bit or 16-bit sample nonzero. Float
+    // samples below 1/131070 round to 0.
     let rgb = img.to_rgb16();
     let (in_w, in_h) = (rgb.width() as usize, rgb.height() as usize);
     let raw = rgb.as_raw();

@@ -258,6 +258,8 @@ pub struct EvalSummary {
     pub image_auroc: Option<f64>,
     /// AUROC of the raw image scores, free of the ties the clamp creates.
     pub image_auroc_raw: Option<f64>,
+    /// Images whose normalised score is 0 or 1, the bounds of the clamp, where scores tie.
+    pub clamped_images: usize,
     /// F1 of `normalised score > threshold`.
     pub image_f1: f64,
     pub accuracy: f64,
@@ -382,6 +384,7 @@ pub fn evaluate(
         anomalous_images: labels.iter().filter(|l| **l).count(),
         image_auroc,
         image_auroc_raw: ranked_raw.auroc(),
+        clamped_images: normalized.iter().filter(|&&s| s == 0.0 || s == 1.0).count(),
         image_f1: confusion.f1(),
         accuracy: confusion.accuracy(),
         threshold,
@@ -569,8 +572,8 @@ fn format_adaptive(adaptive: Option<&AdaptiveReport>) -> String {
 }
 
 impl EvalReport {
-    /// The text summary `patchflow eval` prints. The first line keeps the format of
-    /// earlier versions, which scripts parse.
+    /// Formats the text summary that `patchflow eval` prints. The first line keeps the
+    /// format of earlier versions, which scripts parse.
     pub fn text_lines(&self) -> Vec<String> {
         let s = &self.summary;
         let mut lines = vec![format!(
@@ -586,16 +589,18 @@ impl EvalReport {
             s.true_negative,
             s.false_negative
         )];
-        let pixels = match (s.pixels, s.anomalous_pixels) {
-            (Some(all), Some(anomalous)) => format!("over {all} pixels ({anomalous} anomalous)"),
-            _ => "(no ground-truth masks)".to_string(),
+        let scope = match (s.pixels, s.anomalous_pixels) {
+            (Some(all), Some(anomalous)) => format!(
+                " (FPR limit {}) over {all} pixels ({anomalous} anomalous)",
+                s.aupro_fpr_limit
+            ),
+            _ => ": no ground-truth masks".to_string(),
         };
         lines.push(format!(
-            "pixel AUROC {}, pixel F1 {}, AUPRO {} (FPR limit {}) {pixels}",
+            "pixel AUROC {}, pixel F1 {}, AUPRO {}{scope}",
             format_metric(s.pixel_auroc),
             format_metric(s.pixel_f1),
             format_metric(s.pixel_aupro),
-            s.aupro_fpr_limit
         ));
         let mut adaptive = format!(
             "F1-adaptive threshold: image {}",
@@ -608,6 +613,12 @@ impl EvalReport {
             ));
         }
         lines.push(adaptive);
+        lines.push(format!(
+            "image AUROC on raw scores {} ({} of {} normalised scores clamped to 0 or 1)",
+            format_metric(s.image_auroc_raw),
+            s.clamped_images,
+            s.good_images + s.anomalous_images
+        ));
         if !self.per_defect.is_empty() {
             let parts: Vec<String> = self
                 .per_defect
@@ -644,7 +655,7 @@ mod tests {
         }
     }
 
-    /// A 2x2 map whose image score is its maximum.
+    /// Builds a scored image with a 2x2 map whose maximum is the image score.
     fn image(defect: &str, map: [f32; 4], mask: Option<[bool; 4]>) -> ScoredImage {
         let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         ScoredImage {

@@ -16,7 +16,7 @@ const ORANGE: Rgb = [255, 127, 14];
 const RED: Rgb = [214, 39, 40];
 const GREEN: Rgb = [44, 160, 44];
 
-/// What each colour means, as written into the report.
+/// Meaning of each colour, as written into the report.
 pub const COLOURS: &[(&str, &str)] = &[
     ("roc: image curve", "blue"),
     ("roc: pixel curve", "orange"),
@@ -426,75 +426,55 @@ fn overlay_grid(images: &[ScoredImage], threshold: f32) -> Canvas {
     let width = 2 * MARGIN + GRID_COLUMNS * GRID_CELL_WIDTH + (GRID_COLUMNS - 1) * GAP;
     let row_height = HEADER + cell_height + CAPTION;
     let height = 2 * MARGIN + 40 + rows.len().max(1) * row_height;
+
     let mut canvas = Canvas::new(width, height, WHITE);
-    canvas.text(
-        MARGIN as i64,
-        MARGIN as i64,
-        "OVERLAYS (HEATMAP: NORMALISED MAP, BLUE 0 TO RED 1)",
-        1,
-        BLACK,
-    );
-    canvas.text(
-        MARGIN as i64,
-        MARGIN as i64 + 14,
-        "BORDER RED: ABOVE THRESHOLD, GREEN: BELOW. WHITE LINE: MASK",
-        1,
-        BLACK,
-    );
+    let margin = MARGIN as i64;
+    let title = "OVERLAYS (HEATMAP: NORMALISED MAP, BLUE 0 TO RED 1)";
+    canvas.text(margin, margin, title, 1, BLACK);
+    let key = "BORDER RED: ABOVE THRESHOLD, GREEN: BELOW. WHITE LINE: MASK";
+    canvas.text(margin, margin + 14, key, 1, BLACK);
     if rows.is_empty() {
-        canvas.text(MARGIN as i64, MARGIN as i64 + 40, "NO IMAGES", 1, BLACK);
+        canvas.text(margin, margin + 40, "NO IMAGES", 1, BLACK);
     }
+
     for (r, (title, row)) in rows.iter().enumerate() {
         let top = (MARGIN + 40 + r * row_height) as i64;
-        canvas.text(MARGIN as i64, top + 4, title, 1, BLACK);
+        canvas.text(margin, top + 4, title, 1, BLACK);
         for (c, image) in row.iter().enumerate() {
             let left = (MARGIN + c * (GRID_CELL_WIDTH + GAP)) as i64;
             let cell_top = top + HEADER as i64;
-            match &image.thumbnail {
-                Some(t) => canvas.blit(left, cell_top, &t.rgb, t.width, t.height),
-                None => canvas.fill_rect(
-                    left,
-                    cell_top,
-                    left + GRID_CELL_WIDTH as i64,
-                    cell_top + cell_height as i64,
-                    LIGHT_GREY,
-                ),
-            }
-            let colour = if image.normalized_score > threshold {
-                RED
-            } else {
-                GREEN
-            };
-            canvas.stroke_rect(
-                left - 3,
-                cell_top - 3,
-                left + GRID_CELL_WIDTH as i64 + 3,
-                cell_top + cell_height as i64 + 3,
-                3,
-                colour,
-            );
-            let caption_top = cell_top + cell_height as i64 + 6;
-            canvas.text(
-                left,
-                caption_top,
-                &format!("{:.3} ({:.5})", image.normalized_score, image.score),
-                1,
-                BLACK,
-            );
-            let name = format!(
-                "{}/{}",
-                image.sample.defect,
-                image
-                    .sample
-                    .path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-            );
-            canvas.text(left, caption_top + 11, &tail(&name, 26), 1, BLACK);
+            draw_grid_cell(&mut canvas, (left, cell_top), cell_height, image, threshold);
         }
     }
     canvas
+}
+
+/// Draws one overlay with its top-left at `(left, top)`, a border coloured by the
+/// decision, and a two-line caption below.
+fn draw_grid_cell(
+    canvas: &mut Canvas,
+    (left, top): (i64, i64),
+    cell_height: usize,
+    image: &ScoredImage,
+    threshold: f32,
+) {
+    let (right, bottom) = (left + GRID_CELL_WIDTH as i64, top + cell_height as i64);
+    match &image.thumbnail {
+        Some(t) => canvas.blit(left, top, &t.rgb, t.width, t.height),
+        None => canvas.fill_rect(left, top, right, bottom, LIGHT_GREY),
+    }
+    let colour = if image.normalized_score > threshold {
+        RED
+    } else {
+        GREEN
+    };
+    canvas.stroke_rect(left - 3, top - 3, right + 3, bottom + 3, 3, colour);
+
+    let scores = format!("{:.3} ({:.5})", image.normalized_score, image.score);
+    canvas.text(left, bottom + 6, &scores, 1, BLACK);
+    let file = image.sample.path.file_name().unwrap_or_default();
+    let name = format!("{}/{}", image.sample.defect, file.to_string_lossy());
+    canvas.text(left, bottom + 17, &tail(&name, 26), 1, BLACK);
 }
 
 #[cfg(test)]
@@ -519,7 +499,8 @@ mod tests {
     fn ticks_of_a_single_value() {
         let (ticks, _) = nice_ticks(-0.5, -0.5, 5);
         assert!(ticks.len() >= 2, "{ticks:?}");
-        assert!(ticks[0] <= -0.5 && *ticks.last().unwrap() >= -0.5);
+        assert!(ticks[0] <= -0.5, "{ticks:?}");
+        assert!(*ticks.last().unwrap() >= -0.5, "{ticks:?}");
     }
 
     #[test]
