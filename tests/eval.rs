@@ -154,6 +154,7 @@ fn eval_mvtec_dataset_with_plots() {
     assert!(s["clamped_images"].as_u64().unwrap() <= 10);
     unit_interval(&s["image_auroc"], "image AUROC");
     unit_interval(&s["image_auroc_raw"], "raw image AUROC");
+    unit_interval(&s["image_auroc_log"], "log image AUROC");
     unit_interval(&s["image_f1"], "image F1");
     unit_interval(&s["pixel_auroc"], "pixel AUROC");
     unit_interval(&s["pixel_f1"], "pixel F1");
@@ -213,6 +214,7 @@ fn eval_mvtec_dataset_with_plots() {
         let path = PathBuf::from(image["path"].as_str().unwrap());
         assert!(path.is_file(), "{}", path.display());
         assert!(image["score"].as_f64().is_some());
+        assert!(image["log_score"].as_f64().unwrap() >= 0.0, "{image}");
         unit_interval(&image["normalized_score"], "normalised score");
         let pixels = image["anomalous_pixels"].as_u64().unwrap();
         if image["label"] == "good" {

@@ -65,6 +65,8 @@ pub struct ScoredImage {
     /// Raw image score.
     pub score: f32,
     pub normalized_score: f32,
+    /// Log score: the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
     /// Raw anomaly map, row-major at `map_size`.
     pub map: Vec<f32>,
     /// (height, width) of the map: the model's input size.
@@ -134,6 +136,7 @@ pub fn score_dataset(
             sample: sample.clone(),
             score: raw.score,
             normalized_score: stats.normalize_image(raw.score),
+            log_score: raw.log_score,
             map: raw.map,
             map_size,
             mask,
@@ -240,6 +243,8 @@ pub struct ImageReport {
     /// Raw score, the maximum of the anomaly map.
     pub score: f32,
     pub normalized_score: f32,
+    /// Log score, the maximum over patches of `0.5 mean_c z^2`.
+    pub log_score: f32,
     /// The decision: `normalized_score > threshold`.
     pub is_anomalous: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,6 +263,9 @@ pub struct EvalSummary {
     pub image_auroc: Option<f64>,
     /// AUROC of the raw image scores, free of the ties the clamp creates.
     pub image_auroc_raw: Option<f64>,
+    /// AUROC of the log scores, which separate images whose raw scores tie in `f32`
+    /// near -1 or at 0.
+    pub image_auroc_log: Option<f64>,
     /// Images whose normalised score is 0 or 1, the bounds of the clamp, where scores tie.
     pub clamped_images: usize,
     /// F1 of `normalised score > threshold`.
@@ -365,6 +373,7 @@ pub fn evaluate(
     let labels: Vec<bool> = images.iter().map(|i| i.sample.anomalous).collect();
     let normalized: Vec<f32> = images.iter().map(|i| i.normalized_score).collect();
     let raw: Vec<f32> = images.iter().map(|i| i.score).collect();
+    let log: Vec<f32> = images.iter().map(|i| i.log_score).collect();
     let predicted: Vec<bool> = normalized.iter().map(|&s| s > threshold).collect();
 
     let ranked = RankedScores::from_labels(&normalized, &labels);
@@ -384,6 +393,7 @@ pub fn evaluate(
         anomalous_images: labels.iter().filter(|l| **l).count(),
         image_auroc,
         image_auroc_raw: ranked_raw.auroc(),
+        image_auroc_log: RankedScores::from_labels(&log, &labels).auroc(),
         clamped_images: normalized.iter().filter(|&&s| s == 0.0 || s == 1.0).count(),
         image_f1: confusion.f1(),
         accuracy: confusion.accuracy(),
@@ -419,6 +429,7 @@ pub fn evaluate(
                 },
                 score: i.score,
                 normalized_score: i.normalized_score,
+                log_score: i.log_score,
                 is_anomalous: i.normalized_score > threshold,
                 mask: i.sample.mask.clone(),
                 anomalous_pixels: i.mask.as_ref().map(|m| m.iter().filter(|v| **v).count()),
@@ -614,8 +625,9 @@ impl EvalReport {
         }
         lines.push(adaptive);
         lines.push(format!(
-            "image AUROC on raw scores {} ({} of {} normalised scores clamped to 0 or 1)",
+            "image AUROC on raw scores {}, on log scores {} ({} of {} normalised scores clamped to 0 or 1)",
             format_metric(s.image_auroc_raw),
+            format_metric(s.image_auroc_log),
             s.clamped_images,
             s.good_images + s.anomalous_images
         ));
@@ -667,6 +679,7 @@ mod tests {
             },
             score,
             normalized_score: stats().normalize_image(score),
+            log_score: -(-score).ln(),
             map: map.to_vec(),
             map_size: (2, 2),
             mask: mask.map(|m| m.to_vec()),
