@@ -49,7 +49,7 @@ fn parse_args() -> Result<Options> {
         output: PathBuf::new(),
         foreign: PathBuf::from("tests/data/gravel.png"),
         crop: 96,
-        train: 100,
+        train: 200,
         test_good: 30,
         per_defect: 20,
         seed: 7,
