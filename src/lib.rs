@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod device;
 pub mod imageops;
+pub mod import;
 pub mod line;
 pub mod metrics;
 pub mod model;

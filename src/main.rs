@@ -42,6 +42,18 @@ enum Command {
     },
     /// Train a model on a folder of good images and write a model file.
     Train(Box<TrainArgs>),
+    /// Convert a PatchFlow checkpoint trained in anomalib 2.4 to 2.7 (a Lightning .ckpt)
+    /// to a model file, with its configuration and score statistics.
+    ///
+    /// The checkpoint is read without running Python code: pickle globals other than
+    /// torch's tensor types and plain Python data are rejected.
+    Import {
+        /// The .ckpt file that anomalib's Engine wrote.
+        checkpoint: PathBuf,
+        /// Output model file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Score image files: one JSON line per image, and overlay PNGs with --output-dir.
     Predict {
         /// Model file written by `patchflow train`.
@@ -353,6 +365,75 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_import(input: &Path, output: &Path) -> Result<()> {
+    let imported = patchflow::import::import_checkpoint(input)
+        .map_err(|e| UsageError(format!("cannot import {}: {e}", input.display())))?;
+    create_parent(output)?;
+    checkpoint::save(output, &imported.model, &imported.meta)?;
+    print!("{}", import_summary(input, output, &imported));
+    Ok(())
+}
+
+/// Formats what `patchflow import` read and wrote, one fact per line.
+fn import_summary(
+    input: &Path,
+    output: &Path,
+    imported: &patchflow::import::Imported,
+) -> String {
+    use std::fmt::Write;
+    let meta = &imported.meta;
+    let c = &meta.config;
+    let s = &meta.stats;
+    let mut text = String::new();
+    let mut line = |args: std::fmt::Arguments| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(text, "{args}");
+    };
+    let number = |v: Option<i64>| v.map_or("unknown".to_string(), |v| v.to_string());
+    line(format_args!(
+        "read {}: {}, Lightning {}, epoch {}, global step {}",
+        input.display(),
+        imported.layout.describe(),
+        imported.lightning_version.as_deref().unwrap_or("unknown"),
+        number(imported.epoch),
+        number(imported.global_step)
+    ));
+    for note in &imported.notes {
+        line(format_args!("note: {note}"));
+    }
+    let crop = c
+        .crop_size
+        .map_or("none".to_string(), |[h, w]| format!("{h}x{w}"));
+    let resize = match c.preprocess.resize {
+        ResizeMode::Antialias => "antialiased bilinear",
+        ResizeMode::Bilinear => "bilinear",
+    };
+    line(format_args!(
+        "backbone {}, input {}x{} ({resize} resize), crop {crop}, mean {:?}, std {:?}",
+        c.backbone, c.input_size[0], c.input_size[1], c.preprocess.mean, c.preprocess.std
+    ));
+    line(format_args!(
+        "num_scales {}, patch_size {}, flow_steps {}, flow_feature_dim {}, flow_hidden_dim {}",
+        c.num_scales, c.patch_size, c.flow_steps, c.flow_feature_dim, c.flow_hidden_dim
+    ));
+    line(format_args!(
+        "image scores: threshold {}, min {}, max {}",
+        s.image_threshold, s.image_min, s.image_max
+    ));
+    line(format_args!(
+        "pixel scores: threshold {}, min {}, max {}",
+        s.pixel_threshold, s.pixel_min, s.pixel_max
+    ));
+    line(format_args!(
+        "wrote {}: {} tensors, {} values, source sha256 {}",
+        output.display(),
+        imported.tensor_count,
+        imported.element_count,
+        meta.backbone.sha256
+    ));
+    text
+}
+
 fn check_unit_range(flag: &str, value: f32) -> Result<()> {
     if (0.0..=1.0).contains(&value) {
         Ok(())
@@ -544,6 +625,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Train(args) => run_train(args)?,
+        Command::Import { checkpoint, output } => run_import(checkpoint, output)?,
         Command::Predict {
             model,
             inputs,
