@@ -375,11 +375,7 @@ fn run_import(input: &Path, output: &Path) -> Result<()> {
 }
 
 /// Formats what `patchflow import` read and wrote, one fact per line.
-fn import_summary(
-    input: &Path,
-    output: &Path,
-    imported: &patchflow::import::Imported,
-) -> String {
+fn import_summary(input: &Path, output: &Path, imported: &patchflow::import::Imported) -> String {
     use std::fmt::Write;
     let meta = &imported.meta;
     let c = &meta.config;

@@ -1,51 +1,18 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Import of PatchFlow models trained in anomalib 2.4 to 2.7 (Python).
-//!
-//! anomalib's `Engine` saves a Lightning checkpoint: a torch zip archive whose pickle
-//! contains the `state_dict`, the `hyper_parameters` of `Patchflow` and the
-//! configuration of its pre- and post-processor. [`import_checkpoint`] reads it with
-//! [`crate::pth`], which runs no code from the file and rejects pickle globals outside
-//! its allow list, and builds a patchflow model with the same weights, configuration
-//! and score statistics:
-//!
-//! - tensors: `model.feature_extractor.feature_extractor.<timm key>` (anomalib 2.5.1 and
-//!   later) or `model.feature_extractor.<timm key>` (2.4 to 2.5.0) become
-//!   `backbone.<timm key>`, `model.feature_adaptor.*` becomes `feature_adaptor.*` and
-//!   `model.flow.module_list.{k}.*` becomes `flow.module_list.{k}.*`. anomalib's
-//!   `w_perm_inv` (the transpose of `w_perm`) and BatchNorm `num_batches_tracked`
-//!   counters are dropped, because inference does not use them;
-//! - configuration: `hyper_parameters` and the `Resize` and `Normalize` steps of
-//!   `anomalib_pre_processor_config`, with anomalib 2.7.0's defaults for missing fields;
-//! - statistics: the post-processor buffers `_image_threshold`, `_pixel_threshold`,
-//!   `image_min`, `image_max`, `pixel_min` and `pixel_max`, in raw-score units. NaN
-//!   (never computed) stays NaN, and [`crate::scoring::normalize`] treats it as anomalib
-//!   does.
+//! The model configuration and score statistics of an anomalib checkpoint:
+//! `hyper_parameters`, `anomalib_pre_processor_config`, `anomalib_post_processor_config`
+//! and the post-processor buffers.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
-use sha2::{Digest, Sha256};
-
-use crate::checkpoint::{BackboneSource, ModelMeta};
 use crate::imageops::ResizeMode;
-use crate::model::flow::permutation_from_matrix;
-use crate::model::synthetic::tensor_shapes;
-use crate::model::{ModelConfig, ModelError, PatchFlow, Preprocess, Weights};
-use crate::pickle::{self, PickleError, Value};
-use crate::pth::{self, Checkpoint, PthError};
+use crate::model::{ModelConfig, Preprocess};
+use crate::pickle::Value;
+use crate::pth;
 use crate::scoring::ScoreStats;
 
-/// State-dict prefix of the backbone in anomalib 2.5.1 and later, where `Patchflow`
-/// wraps the timm model in a `TimmFeatureExtractor`.
-pub const TIMM_EXTRACTOR_PREFIX: &str = "model.feature_extractor.feature_extractor.";
-
-/// State-dict prefix of the backbone in anomalib 2.4.0 to 2.5.0.
-pub const LEGACY_EXTRACTOR_PREFIX: &str = "model.feature_extractor.";
-
-const ADAPTOR_PREFIX: &str = "model.feature_adaptor.";
-const FLOW_PREFIX: &str = "model.flow.";
-const POST_PROCESSOR_PREFIX: &str = "post_processor.";
+use super::ImportError;
+use super::keys::{KeyMap, f32_values};
 
 /// anomalib 2.7.0's `Patchflow` defaults for the hyper-parameters that shape the model.
 pub const DEFAULT_BACKBONE: &str = "tf_efficientnet_b5";
@@ -60,228 +27,6 @@ const DEFAULT_INPUT_SIZE: [usize; 2] = [768, 768];
 /// Side of the square patches of DINOv2 ViTs, to which anomalib aligns the input crop.
 const DINOV2_PATCH_SIZE: usize = 14;
 
-/// Error from importing an anomalib checkpoint. Every variant is a problem of the
-/// input file.
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    #[error("cannot read the file: {0}")]
-    Io(std::io::Error),
-    #[error(
-        "not a PyTorch checkpoint ({0}); pass the .ckpt file that anomalib's Engine writes, a zip archive with a pickle"
-    )]
-    NotACheckpoint(String),
-    #[error(
-        "the checkpoint is damaged or truncated ({0}); copy or download the .ckpt file again"
-    )]
-    Damaged(String),
-    #[error(
-        "the checkpoint's pickle uses the global {global}, which the importer does not load: \
-         it reads only tensors and plain Python data (dicts, lists, numbers, strings), because \
-         loading any other global runs code from the file. Do not load this file in Python \
-         either unless you trust its source; if you do, save its state_dict, hyper_parameters \
-         and anomalib_*_config entries again as plain data with torch.save"
-    )]
-    GlobalNotAllowed {
-        /// The global as `module.name`, e.g. `builtins.eval`.
-        global: String,
-    },
-    #[error("the checkpoint is invalid: {0}")]
-    Invalid(String),
-    #[error(
-        "{field} is invalid: {reason}; the checkpoint was not written by anomalib's Patchflow, or the value was edited"
-    )]
-    InvalidField { field: String, reason: String },
-    #[error(
-        "backbone {name:?} (hyper_parameters.backbone) is not supported; supported backbones: {supported}"
-    )]
-    UnsupportedBackbone { name: String, supported: String },
-    #[error("unsupported state_dict layout: {0}")]
-    UnsupportedLayout(String),
-    #[error(
-        "backbone {backbone:?} was saved by anomalib 2.4 to 2.5.0, which names DINOv2 weights with its own ViT module names, not timm's; retrain the model with anomalib 2.5.1 or later, whose checkpoints use timm names"
-    )]
-    LegacyDinov2 { backbone: String },
-    #[error(
-        "tensor {key} is missing from the state_dict; the checkpoint does not contain a complete Patchflow model with these hyper_parameters"
-    )]
-    MissingTensor { key: String },
-    #[error(
-        "tensor {key} has shape {actual:?}, but the hyper_parameters ({config}) need {expected:?}; the weights and hyper_parameters do not belong together"
-    )]
-    ShapeMismatch {
-        key: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-        config: String,
-    },
-    #[error(
-        "tensor {key} is not part of a Patchflow model with these hyper_parameters ({config}); the weights and hyper_parameters do not belong together"
-    )]
-    UnexpectedTensor { key: String, config: String },
-    #[error(
-        "tensor {key} contains NaN or infinite values; the training that produced it diverged"
-    )]
-    NonFinite { key: String },
-    #[error("the weights do not form a valid model: {0}")]
-    Model(ModelError),
-}
-
-/// Which anomalib versions' state-dict names the checkpoint uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyLayout {
-    /// anomalib 2.5.1 and later: `model.feature_extractor.feature_extractor.<timm key>`.
-    TimmExtractor,
-    /// anomalib 2.4.0 to 2.5.0: `model.feature_extractor.<timm key>`.
-    Legacy,
-}
-
-impl KeyLayout {
-    /// Describes the layout for the import summary.
-    pub fn describe(self) -> &'static str {
-        match self {
-            KeyLayout::TimmExtractor => {
-                "anomalib 2.5.1+ keys (model.feature_extractor.feature_extractor.*)"
-            }
-            KeyLayout::Legacy => "anomalib 2.4-2.5.0 keys (model.feature_extractor.*)",
-        }
-    }
-
-    /// Returns the state-dict prefix of the backbone tensors.
-    pub fn backbone_prefix(self) -> &'static str {
-        match self {
-            KeyLayout::TimmExtractor => TIMM_EXTRACTOR_PREFIX,
-            KeyLayout::Legacy => LEGACY_EXTRACTOR_PREFIX,
-        }
-    }
-}
-
-/// Model file names of the state-dict tensors, and the entries the import leaves out.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyMap {
-    pub layout: KeyLayout,
-    /// Checkpoint key to model file name, for every backbone, adaptor and flow tensor.
-    pub tensors: BTreeMap<String, String>,
-    /// Post-processor buffer name (such as `image_min`) to checkpoint key.
-    pub post_processor: BTreeMap<String, String>,
-}
-
-/// A model built from an anomalib checkpoint, with what the import found out on the way.
-#[derive(Debug)]
-pub struct Imported {
-    pub model: PatchFlow,
-    pub meta: ModelMeta,
-    pub layout: KeyLayout,
-    /// Sentences for the user: defaults that filled missing fields, tensors left out,
-    /// and post-processor settings that change how anomalib labels images.
-    pub notes: Vec<String>,
-    /// Lightning version that wrote the checkpoint, when it records one.
-    pub lightning_version: Option<String>,
-    /// Training epoch and optimizer step counts recorded by Lightning.
-    pub epoch: Option<i64>,
-    pub global_step: Option<i64>,
-    /// Number of tensors and of their elements in the model.
-    pub tensor_count: usize,
-    pub element_count: usize,
-}
-
-/// Reads an anomalib Lightning checkpoint file and builds the model on the CPU.
-pub fn import_checkpoint(path: &Path) -> Result<Imported, ImportError> {
-    let bytes = std::fs::read(path).map_err(ImportError::Io)?;
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
-    import_bytes(&bytes, &file_name)
-}
-
-/// Builds the model from the bytes of a checkpoint. `file_name` is recorded as the
-/// source of the backbone weights, together with the sha256 of `bytes`.
-pub fn import_bytes(bytes: &[u8], file_name: &str) -> Result<Imported, ImportError> {
-    let checkpoint = Checkpoint::from_bytes(bytes).map_err(read_error)?;
-    let root = checkpoint.root();
-    if root.get("state_dict").is_none() {
-        return Err(ImportError::Invalid(format!(
-            "the root of the pickle is a {} without a \"state_dict\" entry, so it is no Lightning checkpoint; pass the .ckpt file that anomalib's Engine writes",
-            root.type_name()
-        )));
-    }
-    let mut notes = Vec::new();
-    let config = model_config(root, &mut notes)?;
-    let post_config = PostProcessorConfig::read(root, &mut notes)?;
-
-    let state = checkpoint.state_dict().map_err(read_error)?;
-    let keys: Vec<String> = state.iter().map(|(key, _)| key.clone()).collect();
-    let key_map = map_state_dict_keys(&keys, &config.backbone)?;
-    let backbone = crate::model::backbone_config(&config.backbone).map_err(unsupported_backbone)?;
-    let tensors: HashMap<&str, &pth::Tensor> =
-        state.iter().map(|(key, t)| (key.as_str(), t)).collect();
-
-    let stats = post_config.score_stats(&key_map, &tensors)?;
-    let weights = model_tensors(&config, &key_map, &tensors, &mut notes)?;
-    let tensor_count = weights.len();
-    let element_count = weights.values().map(Tensor::elem_count).sum();
-    let weights = Weights::new(weights, &Device::Cpu, DType::F32).map_err(ImportError::Model)?;
-    let model = PatchFlow::new(&config, &weights).map_err(ImportError::Model)?;
-
-    let meta = ModelMeta {
-        config,
-        backbone: BackboneSource {
-            name: backbone.name().to_owned(),
-            source: file_name.to_owned(),
-            sha256: format!("{:x}", Sha256::digest(bytes)),
-        },
-        stats,
-        training: None,
-    };
-    Ok(Imported {
-        model,
-        meta,
-        layout: key_map.layout,
-        notes,
-        lightning_version: root
-            .get("pytorch-lightning_version")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        epoch: root.get("epoch").and_then(Value::as_i64),
-        global_step: root.get("global_step").and_then(Value::as_i64),
-        tensor_count,
-        element_count,
-    })
-}
-
-fn read_error(error: PthError) -> ImportError {
-    match error {
-        PthError::Io { source, .. } => ImportError::Io(source),
-        PthError::NotACheckpoint(reason) => ImportError::NotACheckpoint(reason),
-        PthError::Zip(error) => ImportError::Damaged(format!("invalid zip archive: {error}")),
-        PthError::Pickle {
-            source: PickleError::GlobalNotAllowed { module, name },
-            ..
-        } => ImportError::GlobalNotAllowed {
-            global: format!("{module}.{name}"),
-        },
-        PthError::Pickle {
-            source: source @ PickleError::Truncated { .. },
-            part,
-        } => ImportError::Damaged(format!("{part}: {source}")),
-        PthError::Storage { key, message } => {
-            ImportError::Damaged(format!("storage {key}: {message}"))
-        }
-        other => ImportError::Invalid(other.to_string()),
-    }
-}
-
-fn unsupported_backbone(error: ModelError) -> ImportError {
-    match error {
-        ModelError::UnknownBackbone { name, supported } => {
-            ImportError::UnsupportedBackbone { name, supported }
-        }
-        other => ImportError::Model(other),
-    }
-}
-
-// --- configuration ---------------------------------------------------------------------
-
 /// Reads the model configuration from `hyper_parameters` and
 /// `anomalib_pre_processor_config`, adding a note to `notes` for every field that is
 /// missing and takes anomalib 2.7.0's default.
@@ -295,14 +40,10 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
                 reason: format!("expected a dict, found a {}", other.type_name()),
             });
         }
-        None => {
-            notes.push(
-                "hyper_parameters is missing: using anomalib 2.7.0's defaults for all of them"
-                    .into(),
-            );
-            &empty
-        }
+        None => &empty,
     };
+    // (field, default) of each missing hyper-parameter, for the notes.
+    let mut defaulted: Vec<(&str, String)> = Vec::new();
     let mut backbone = match hyper.get("backbone") {
         Some(value) => value
             .as_str()
@@ -312,9 +53,7 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
             })?
             .to_owned(),
         None => {
-            notes.push(format!(
-                "hyper_parameters.backbone is missing: using anomalib 2.7.0's default {DEFAULT_BACKBONE}"
-            ));
+            defaulted.push(("backbone", DEFAULT_BACKBONE.to_owned()));
             DEFAULT_BACKBONE.to_owned()
         }
     };
@@ -327,7 +66,7 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
         backbone = architecture.to_owned();
     }
 
-    let mut count = |name: &str, default: usize| -> Result<usize, ImportError> {
+    let mut count = |name: &'static str, default: usize| -> Result<usize, ImportError> {
         let field = format!("hyper_parameters.{name}");
         match hyper.get(name) {
             Some(value) => positive_int(value).ok_or_else(|| ImportError::InvalidField {
@@ -335,9 +74,7 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
                 reason: format!("expected a positive int, found {}", describe(value)),
             }),
             None => {
-                notes.push(format!(
-                    "{field} is missing: using anomalib 2.7.0's default {default}"
-                ));
+                defaulted.push((name, default.to_string()));
                 Ok(default)
             }
         }
@@ -349,10 +86,7 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
     let flow_hidden_dim = count("flow_hidden_dim", DEFAULT_FLOW_HIDDEN_DIM)?;
     let crop_size = match hyper.get("crop_size") {
         None => {
-            notes.push(
-                "hyper_parameters.crop_size is missing: using anomalib 2.7.0's default None (no crop)"
-                    .into(),
-            );
+            defaulted.push(("crop_size", "None (no crop)".to_owned()));
             None
         }
         Some(Value::None) => None,
@@ -364,6 +98,20 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
             ),
         })?),
     };
+
+    if root.get("hyper_parameters").is_none() {
+        let list: Vec<String> = defaulted.iter().map(|(f, v)| format!("{f} {v}")).collect();
+        notes.push(format!(
+            "hyper_parameters is missing: using anomalib 2.7.0's defaults {}",
+            list.join(", ")
+        ));
+    } else {
+        for (field, value) in &defaulted {
+            notes.push(format!(
+                "hyper_parameters.{field} is missing: using anomalib 2.7.0's default {value}"
+            ));
+        }
+    }
 
     let (input_size, preprocess) = pre_processor(root, notes)?;
     let mut config = ModelConfig {
@@ -378,10 +126,12 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
         preprocess,
     };
     align_dinov2_crop(&mut config, notes);
-    config.validate().map_err(|reason| ImportError::InvalidField {
-        field: "hyper_parameters".into(),
-        reason,
-    })?;
+    config
+        .validate()
+        .map_err(|reason| ImportError::InvalidField {
+            field: "hyper_parameters".into(),
+            reason,
+        })?;
     Ok(config)
 }
 
@@ -563,7 +313,8 @@ fn normalize_step(args: &Value) -> Result<([f32; 3], [f32; 3]), String> {
             .get(name)
             .ok_or_else(|| format!("Normalize has no {name}"))?;
         let items = value.as_sequence().unwrap_or(&[]);
-        let numbers: Option<Vec<f32>> = items.iter().map(|v| v.as_f64().map(|x| x as f32)).collect();
+        let numbers: Option<Vec<f32>> =
+            items.iter().map(|v| v.as_f64().map(|x| x as f32)).collect();
         match numbers.as_deref() {
             Some([a, b, c]) => Ok([*a, *b, *c]),
             // torchvision broadcasts one value to every channel.
@@ -579,12 +330,12 @@ fn normalize_step(args: &Value) -> Result<([f32; 3], [f32; 3]), String> {
 
 /// The parts of `anomalib_post_processor_config` that change scores or labels.
 #[derive(Debug, Clone, PartialEq)]
-struct PostProcessorConfig {
+pub(super) struct PostProcessorConfig {
     threshold_matching: bool,
 }
 
 impl PostProcessorConfig {
-    fn read(root: &Value, notes: &mut Vec<String>) -> Result<Self, ImportError> {
+    pub(super) fn read(root: &Value, notes: &mut Vec<String>) -> Result<Self, ImportError> {
         const FIELD: &str = "anomalib_post_processor_config";
         let Some(config) = root.get(FIELD) else {
             notes.push(format!(
@@ -640,7 +391,7 @@ impl PostProcessorConfig {
     /// Reads the post-processor buffers. A missing buffer counts as NaN, the value
     /// anomalib starts from. With threshold matching, a NaN threshold takes the other
     /// one's value, as anomalib's `image_threshold` and `pixel_threshold` properties do.
-    fn score_stats(
+    pub(super) fn score_stats(
         &self,
         key_map: &KeyMap,
         tensors: &HashMap<&str, &pth::Tensor>,
@@ -711,200 +462,11 @@ fn describe(value: &Value) -> String {
     }
 }
 
-// --- tensors ---------------------------------------------------------------------------
-
-/// Assigns every state-dict key its model file name and detects the key layout.
-///
-/// Keys outside `model.` and `post_processor.` (metrics, for example) are skipped.
-/// `w_perm_inv` and `num_batches_tracked` are left out. Any other key under `model.`
-/// that is not part of the backbone, the adaptor or the flow is an error, so that a
-/// model with parts this importer does not know is never imported without them.
-pub fn map_state_dict_keys(keys: &[String], backbone: &str) -> Result<KeyMap, ImportError> {
-    let layout = if keys.iter().any(|k| k.starts_with(TIMM_EXTRACTOR_PREFIX)) {
-        KeyLayout::TimmExtractor
-    } else if keys.iter().any(|k| k.starts_with(LEGACY_EXTRACTOR_PREFIX)) {
-        KeyLayout::Legacy
-    } else {
-        return Err(ImportError::UnsupportedLayout(format!(
-            "no backbone tensors: expected keys starting with {TIMM_EXTRACTOR_PREFIX} (anomalib 2.5.1 and later) or {LEGACY_EXTRACTOR_PREFIX} (anomalib 2.4 to 2.5.0){}",
-            first_keys(keys)
-        )));
-    };
-    if layout == KeyLayout::Legacy && backbone.contains("dinov2") {
-        return Err(ImportError::LegacyDinov2 {
-            backbone: backbone.to_owned(),
-        });
-    }
-
-    let mut tensors = BTreeMap::new();
-    let mut post_processor = BTreeMap::new();
-    for key in keys {
-        if let Some(name) = key.strip_prefix(POST_PROCESSOR_PREFIX) {
-            post_processor.insert(name.to_owned(), key.clone());
-            continue;
-        }
-        if !key.starts_with("model.") {
-            continue;
-        }
-        if key.ends_with(".num_batches_tracked") || key.ends_with(".w_perm_inv") {
-            continue;
-        }
-        let name = if let Some(timm_key) = key.strip_prefix(layout.backbone_prefix()) {
-            format!("{}.{timm_key}", crate::model::BACKBONE_PREFIX)
-        } else if let Some(rest) = key.strip_prefix(ADAPTOR_PREFIX) {
-            format!("{}.{rest}", crate::model::ADAPTOR_PREFIX)
-        } else if let Some(rest) = key.strip_prefix(FLOW_PREFIX) {
-            format!("{}.{rest}", crate::model::FLOW_PREFIX)
-        } else {
-            return Err(ImportError::UnsupportedLayout(format!(
-                "tensor {key} belongs to no part of Patchflow that patchflow knows ({} for the backbone, {ADAPTOR_PREFIX}, {FLOW_PREFIX}); the checkpoint is from another model or another anomalib version",
-                layout.backbone_prefix()
-            )));
-        };
-        tensors.insert(key.clone(), name);
-    }
-    Ok(KeyMap {
-        layout,
-        tensors,
-        post_processor,
-    })
-}
-
-fn first_keys(keys: &[String]) -> String {
-    if keys.is_empty() {
-        return "; the state_dict is empty".into();
-    }
-    let shown: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
-    format!("; the state_dict starts with {}", shown.join(", "))
-}
-
-/// Checks every tensor the model needs against its expected shape and converts it.
-///
-/// Backbone tensors that the model does not read (such as a classifier head) are left
-/// out with a note. Adaptor or flow tensors it does not read are an error, because they
-/// mean the hyper_parameters describe another model than the weights.
-fn model_tensors(
-    config: &ModelConfig,
-    key_map: &KeyMap,
-    tensors: &HashMap<&str, &pth::Tensor>,
-    notes: &mut Vec<String>,
-) -> Result<HashMap<String, Tensor>, ImportError> {
-    let expected: BTreeMap<String, Vec<usize>> = tensor_shapes(config)
-        .map_err(unsupported_backbone)?
-        .into_iter()
-        .collect();
-    let by_name: HashMap<&str, &str> = key_map
-        .tensors
-        .iter()
-        .map(|(key, name)| (name.as_str(), key.as_str()))
-        .collect();
-    let summary = config_summary(config);
-
-    let mut out = HashMap::with_capacity(expected.len());
-    for (name, shape) in &expected {
-        let Some(&key) = by_name.get(name.as_str()) else {
-            return Err(ImportError::MissingTensor {
-                key: checkpoint_key(name, key_map.layout),
-            });
-        };
-        let tensor = tensors[key];
-        if &tensor.shape != shape {
-            return Err(ImportError::ShapeMismatch {
-                key: key.to_owned(),
-                expected: shape.clone(),
-                actual: tensor.shape.clone(),
-                config: summary,
-            });
-        }
-        let values = f32_values(key, tensor)?;
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(ImportError::NonFinite {
-                key: key.to_owned(),
-            });
-        }
-        let value = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)
-            .map_err(|e| ImportError::Model(e.into()))?;
-        if name.ends_with(".w_perm") {
-            permutation_from_matrix(key, &value).map_err(ImportError::Model)?;
-        }
-        out.insert(name.clone(), value);
-    }
-
-    let unused: Vec<&str> = key_map
-        .tensors
-        .iter()
-        .filter(|(_, name)| !expected.contains_key(name.as_str()))
-        .map(|(key, _)| key.as_str())
-        .collect();
-    let (backbone_unused, head_unused): (Vec<&str>, Vec<&str>) = unused
-        .into_iter()
-        .partition(|key| key.starts_with(key_map.layout.backbone_prefix()));
-    if let Some(key) = head_unused.first() {
-        return Err(ImportError::UnexpectedTensor {
-            key: (*key).to_owned(),
-            config: summary,
-        });
-    }
-    if !backbone_unused.is_empty() {
-        notes.push(format!(
-            "{} backbone tensors that {} does not use are left out: {}",
-            backbone_unused.len(),
-            config.backbone,
-            backbone_unused.join(", ")
-        ));
-    }
-    Ok(out)
-}
-
-/// Returns the checkpoint key of a model file name, for messages about missing tensors.
-fn checkpoint_key(name: &str, layout: KeyLayout) -> String {
-    let backbone = format!("{}.", crate::model::BACKBONE_PREFIX);
-    let adaptor = format!("{}.", crate::model::ADAPTOR_PREFIX);
-    let flow = format!("{}.", crate::model::FLOW_PREFIX);
-    if let Some(rest) = name.strip_prefix(&backbone) {
-        format!("{}{rest}", layout.backbone_prefix())
-    } else if let Some(rest) = name.strip_prefix(&adaptor) {
-        format!("{ADAPTOR_PREFIX}{rest}")
-    } else if let Some(rest) = name.strip_prefix(&flow) {
-        format!("{FLOW_PREFIX}{rest}")
-    } else {
-        name.to_owned()
-    }
-}
-
-fn config_summary(config: &ModelConfig) -> String {
-    format!(
-        "backbone {}, num_scales {}, flow_steps {}, flow_feature_dim {}, flow_hidden_dim {}",
-        config.backbone,
-        config.num_scales,
-        config.flow_steps,
-        config.flow_feature_dim,
-        config.flow_hidden_dim
-    )
-}
-
-/// Decodes a floating-point tensor to `f32`.
-fn f32_values(key: &str, tensor: &pth::Tensor) -> Result<Vec<f32>, ImportError> {
-    let dtype = match tensor.dtype {
-        pickle::DType::F32 => return Ok(tensor.to_f32_vec().unwrap_or_default()),
-        pickle::DType::F16 => DType::F16,
-        pickle::DType::BF16 => DType::BF16,
-        pickle::DType::F64 => DType::F64,
-        other => {
-            return Err(ImportError::Invalid(format!(
-                "tensor {key} has element type {other:?}; expected a floating-point type"
-            )));
-        }
-    };
-    let converted = Tensor::from_raw_buffer(&tensor.data, dtype, &[tensor.numel()], &Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.to_vec1::<f32>());
-    converted.map_err(|e| ImportError::Model(e.into()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::import::keys::map_state_dict_keys;
+    use crate::pickle;
 
     fn s(text: &str) -> Value {
         Value::Str(text.to_owned())
@@ -978,7 +540,10 @@ mod tests {
             ("num_scales", Value::Int(2)),
             ("patch_size", Value::Int(5)),
             ("flow_hidden_dim", Value::Int(32)),
-            ("crop_size", Value::Tuple(vec![Value::Int(56), Value::Int(48)])),
+            (
+                "crop_size",
+                Value::Tuple(vec![Value::Int(56), Value::Int(48)]),
+            ),
             ("lr", Value::Float(0.001)),
         ])
     }
@@ -1017,7 +582,10 @@ mod tests {
         assert_eq!(config.num_scales, 3);
         // One note for hyper_parameters and one for the pre-processor.
         assert_eq!(notes.len(), 2, "{notes:?}");
-        assert!(notes[0].contains("hyper_parameters is missing"), "{notes:?}");
+        assert!(
+            notes[0].starts_with("hyper_parameters is missing: using anomalib 2.7.0's defaults backbone tf_efficientnet_b5, flow_steps 1,"),
+            "{notes:?}"
+        );
         assert!(notes[1].contains("768x768"), "{notes:?}");
     }
 
@@ -1062,7 +630,9 @@ mod tests {
         let pre = transform(vec![resize(ints(&[64, 64]), true), crop]);
         let error = model_config(&root(full_hyper(), Some(pre)), &mut Vec::new()).unwrap_err();
         assert!(
-            error.to_string().contains("transform CenterCrop is not supported"),
+            error
+                .to_string()
+                .contains("transform CenterCrop is not supported"),
             "{error}"
         );
     }
@@ -1071,7 +641,12 @@ mod tests {
     fn square_int_resize_is_rejected() {
         let pre = transform(vec![resize(Value::Int(64), true)]);
         let error = model_config(&root(full_hyper(), Some(pre)), &mut Vec::new()).unwrap_err();
-        assert!(error.to_string().contains("a single int keeps the aspect ratio"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("a single int keeps the aspect ratio"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1085,121 +660,6 @@ mod tests {
         let config = model_config(&root(hyper, None), &mut notes).unwrap();
         assert_eq!(config.crop_size, Some([756, 756]));
         assert!(notes.iter().any(|n| n.contains("756x756")), "{notes:?}");
-    }
-
-    fn keys(names: &[&str]) -> Vec<String> {
-        names.iter().map(|n| n.to_string()).collect()
-    }
-
-    #[test]
-    fn timm_extractor_layout_maps_keys() {
-        let map = map_state_dict_keys(
-            &keys(&[
-                "post_processor._image_threshold",
-                "model.feature_extractor.feature_extractor.conv_stem.weight",
-                "model.feature_extractor.feature_extractor.bn1.num_batches_tracked",
-                "model.feature_adaptor.weight",
-                "model.flow.module_list.0.w_perm",
-                "model.flow.module_list.0.w_perm_inv",
-                "evaluator.some_metric",
-            ]),
-            "tf_efficientnet_lite0",
-        )
-        .unwrap();
-        assert_eq!(map.layout, KeyLayout::TimmExtractor);
-        let expected: BTreeMap<String, String> = [
-            (
-                "model.feature_extractor.feature_extractor.conv_stem.weight",
-                "backbone.conv_stem.weight",
-            ),
-            ("model.feature_adaptor.weight", "feature_adaptor.weight"),
-            (
-                "model.flow.module_list.0.w_perm",
-                "flow.module_list.0.w_perm",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        assert_eq!(map.tensors, expected);
-        assert_eq!(
-            map.post_processor.get("_image_threshold").map(String::as_str),
-            Some("post_processor._image_threshold")
-        );
-    }
-
-    #[test]
-    fn legacy_layout_maps_keys() {
-        let map = map_state_dict_keys(
-            &keys(&[
-                "model.feature_extractor.blocks.0.0.conv_dw.weight",
-                "model.flow.module_list.0.global_scale",
-            ]),
-            "tf_efficientnet_b5",
-        )
-        .unwrap();
-        assert_eq!(map.layout, KeyLayout::Legacy);
-        assert_eq!(
-            map.tensors["model.feature_extractor.blocks.0.0.conv_dw.weight"],
-            "backbone.blocks.0.0.conv_dw.weight"
-        );
-    }
-
-    #[test]
-    fn timm_dinov2_keys_pass_through() {
-        let map = map_state_dict_keys(
-            &keys(&[
-                "model.feature_extractor.feature_extractor.pos_embed",
-                "model.feature_extractor.feature_extractor.blocks.11.ls2.gamma",
-            ]),
-            "vit_base_patch14_dinov2",
-        )
-        .unwrap();
-        assert_eq!(
-            map.tensors["model.feature_extractor.feature_extractor.blocks.11.ls2.gamma"],
-            "backbone.blocks.11.ls2.gamma"
-        );
-    }
-
-    #[test]
-    fn legacy_dinov2_is_rejected() {
-        let error = map_state_dict_keys(
-            &keys(&["model.feature_extractor.encoder.blocks.0.attn.qkv.weight"]),
-            "vit_base_patch14_dinov2",
-        )
-        .unwrap_err();
-        assert!(matches!(error, ImportError::LegacyDinov2 { .. }), "{error}");
-        assert!(error.to_string().contains("anomalib 2.5.1 or later"), "{error}");
-    }
-
-    #[test]
-    fn unknown_model_key_is_rejected() {
-        let error = map_state_dict_keys(
-            &keys(&[
-                "model.feature_extractor.feature_extractor.conv_stem.weight",
-                "model.extra_head.weight",
-            ]),
-            "tf_efficientnet_lite0",
-        )
-        .unwrap_err();
-        assert!(
-            error.to_string().contains("tensor model.extra_head.weight"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn missing_backbone_is_unsupported_layout() {
-        let error = map_state_dict_keys(
-            &keys(&["backbone.conv_stem.weight"]),
-            "tf_efficientnet_lite0",
-        )
-        .unwrap_err();
-        assert!(matches!(error, ImportError::UnsupportedLayout(_)), "{error}");
-        assert!(
-            error.to_string().contains("starts with backbone.conv_stem.weight"),
-            "{error}"
-        );
     }
 
     fn scalar(value: f32) -> pth::Tensor {
