@@ -191,6 +191,11 @@ pub fn import_bytes(bytes: &[u8], file_name: &str) -> Result<Imported, ImportErr
 fn read_error(error: PthError) -> ImportError {
     match error {
         PthError::Io { source, .. } => ImportError::Io(source),
+        // The legacy reader's detail (which pickle opcode failed) says nothing useful
+        // about a file that is no checkpoint at all.
+        PthError::NotACheckpoint(reason) if reason.starts_with("neither a zip archive") => {
+            ImportError::NotACheckpoint("neither a zip archive nor a legacy torch file".into())
+        }
         PthError::NotACheckpoint(reason) => ImportError::NotACheckpoint(reason),
         PthError::Zip(error) => ImportError::Damaged(format!("invalid zip archive: {error}")),
         PthError::Pickle {
