@@ -393,6 +393,7 @@ mod tests {
             pixel_threshold: -0.5,
             pixel_min: f32::NAN,
             pixel_max: f32::NAN,
+            image_log_threshold: None,
         };
         let json = serde_json::to_string(&stats).unwrap();
         let back: ScoreStats = serde_json::from_str(&json).unwrap();

@@ -24,9 +24,6 @@ const DEFAULT_FLOW_HIDDEN_DIM: usize = 128;
 /// anomalib 2.7.0's `Patchflow.configure_pre_processor` resize target.
 const DEFAULT_INPUT_SIZE: [usize; 2] = [768, 768];
 
-/// Side of the square patches of DINOv2 ViTs, to which anomalib aligns the input crop.
-const DINOV2_PATCH_SIZE: usize = 14;
-
 /// Reads the model configuration from `hyper_parameters` and
 /// `anomalib_pre_processor_config`, adding a note to `notes` for every field that is
 /// missing and takes anomalib 2.7.0's default.
@@ -114,7 +111,7 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
     }
 
     let (input_size, preprocess) = pre_processor(root, notes)?;
-    let mut config = ModelConfig {
+    let config = ModelConfig {
         backbone,
         input_size,
         crop_size,
@@ -125,7 +122,6 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
         flow_hidden_dim,
         preprocess,
     };
-    align_dinov2_crop(&mut config, notes);
     config
         .validate()
         .map_err(|reason| ImportError::InvalidField {
@@ -133,29 +129,6 @@ pub fn model_config(root: &Value, notes: &mut Vec<String>) -> Result<ModelConfig
             reason,
         })?;
     Ok(config)
-}
-
-/// Applies anomalib's crop for DINOv2 backbones: each side of the crop (or of the input,
-/// without a crop) is floored to a multiple of the ViT patch size, and the crop is used
-/// whenever one was given or the floored size differs from the input.
-fn align_dinov2_crop(config: &mut ModelConfig, notes: &mut Vec<String>) {
-    if !config.backbone.contains("dinov2") {
-        return;
-    }
-    let [h, w] = config.crop_size.unwrap_or(config.input_size);
-    let aligned = [
-        h / DINOV2_PATCH_SIZE * DINOV2_PATCH_SIZE,
-        w / DINOV2_PATCH_SIZE * DINOV2_PATCH_SIZE,
-    ];
-    if config.crop_size.is_some() || aligned != config.input_size {
-        if config.crop_size != Some(aligned) {
-            notes.push(format!(
-                "DINOv2 backbone: the input is centre-cropped to {}x{}, a multiple of the {DINOV2_PATCH_SIZE}-pixel ViT patches, as anomalib does",
-                aligned[0], aligned[1]
-            ));
-        }
-        config.crop_size = Some(aligned);
-    }
 }
 
 /// Reads the `Resize` and `Normalize` steps of `anomalib_pre_processor_config`.
@@ -428,6 +401,9 @@ impl PostProcessorConfig {
             pixel_threshold: matched(pixel_own, image_own),
             pixel_min: buffer("pixel_min")?,
             pixel_max: buffer("pixel_max")?,
+            // anomalib thresholds raw scores only. The log-domain threshold then follows
+            // from the raw one (see `ScoreStats::threshold`).
+            image_log_threshold: None,
         })
     }
 }
@@ -650,16 +626,17 @@ mod tests {
     }
 
     #[test]
-    fn dinov2_crop_is_aligned() {
+    fn dinov2_crop_stays_as_saved() {
         let hyper = dict(vec![
-            ("backbone", s("vit_base_patch14_dinov2")),
+            ("backbone", s("vit_small_patch14_dinov2")),
             ("crop_size", Value::None),
         ]);
         let mut notes = Vec::new();
-        // Whether DINOv2 is a supported backbone does not matter for the configuration.
         let config = model_config(&root(hyper, None), &mut notes).unwrap();
-        assert_eq!(config.crop_size, Some([756, 756]));
-        assert!(notes.iter().any(|n| n.contains("756x756")), "{notes:?}");
+        assert_eq!(config.crop_size, None);
+        // The model floors the 768x768 input to 756x756 for the 14-pixel patches, as
+        // anomalib does.
+        assert_eq!(config.internal_size(), [756, 756]);
     }
 
     fn scalar(value: f32) -> pth::Tensor {
