@@ -377,55 +377,66 @@ fn run_import(input: &Path, output: &Path) -> Result<()> {
 /// Formats what `patchflow import` read and wrote, one fact per line.
 fn import_summary(input: &Path, output: &Path, imported: &patchflow::import::Imported) -> String {
     use std::fmt::Write;
-    let meta = &imported.meta;
-    let c = &meta.config;
-    let s = &meta.stats;
     let mut text = String::new();
     let mut line = |args: std::fmt::Arguments| {
-        // Writing to a String cannot fail.
+        // fmt::Write for String never returns an error.
         let _ = writeln!(text, "{args}");
     };
-    let number = |v: Option<i64>| v.map_or("unknown".to_string(), |v| v.to_string());
+
+    let count = |value: Option<i64>| value.map_or("unknown".to_string(), |v| v.to_string());
     line(format_args!(
         "read {}: {}, Lightning {}, epoch {}, global step {}",
         input.display(),
         imported.layout.describe(),
         imported.lightning_version.as_deref().unwrap_or("unknown"),
-        number(imported.epoch),
-        number(imported.global_step)
+        count(imported.epoch),
+        count(imported.global_step)
     ));
     for note in &imported.notes {
         line(format_args!("note: {note}"));
     }
-    let crop = c
+
+    let config = &imported.meta.config;
+    let crop = config
         .crop_size
         .map_or("none".to_string(), |[h, w]| format!("{h}x{w}"));
-    let resize = match c.preprocess.resize {
+    let resize = match config.preprocess.resize {
         ResizeMode::Antialias => "antialiased bilinear",
         ResizeMode::Bilinear => "bilinear",
     };
     line(format_args!(
         "backbone {}, input {}x{} ({resize} resize), crop {crop}, mean {:?}, std {:?}",
-        c.backbone, c.input_size[0], c.input_size[1], c.preprocess.mean, c.preprocess.std
+        config.backbone,
+        config.input_size[0],
+        config.input_size[1],
+        config.preprocess.mean,
+        config.preprocess.std
     ));
     line(format_args!(
         "num_scales {}, patch_size {}, flow_steps {}, flow_feature_dim {}, flow_hidden_dim {}",
-        c.num_scales, c.patch_size, c.flow_steps, c.flow_feature_dim, c.flow_hidden_dim
+        config.num_scales,
+        config.patch_size,
+        config.flow_steps,
+        config.flow_feature_dim,
+        config.flow_hidden_dim
     ));
+
+    let stats = &imported.meta.stats;
     line(format_args!(
         "image scores: threshold {}, min {}, max {}",
-        s.image_threshold, s.image_min, s.image_max
+        stats.image_threshold, stats.image_min, stats.image_max
     ));
     line(format_args!(
         "pixel scores: threshold {}, min {}, max {}",
-        s.pixel_threshold, s.pixel_min, s.pixel_max
+        stats.pixel_threshold, stats.pixel_min, stats.pixel_max
     ));
+
     line(format_args!(
         "wrote {}: {} tensors, {} values, source sha256 {}",
         output.display(),
         imported.tensor_count,
         imported.element_count,
-        meta.backbone.sha256
+        imported.meta.backbone.sha256
     ));
     text
 }

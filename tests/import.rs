@@ -5,10 +5,12 @@
 //! (EfficientNet-Lite0, 64x64) and saved its Lightning checkpoint under
 //! `tests/fixtures/anomalib/`, with anomalib's raw and normalised scores, labels and
 //! anomaly maps for five images. These tests import that checkpoint and compare the
-//! imported model's outputs with anomalib's. Variants of the checkpoint (the anomalib
-//! 2.4 to 2.5.0 key layout, a forbidden pickle global, edited hyper-parameters) are
-//! made by editing a copy of its pickle, which torch writes with protocol 2, where
-//! every string is a `BINUNICODE` opcode with its length in front.
+//! imported model's outputs with anomalib's.
+//!
+//! Variants of the checkpoint (the anomalib 2.4 to 2.5.0 key layout, a forbidden
+//! pickle global, edited hyper-parameters) are made by editing a copy of its pickle.
+//! torch writes it with protocol 2, where every string is a `BINUNICODE` opcode with
+//! its length in front and no frame lengths need fixing.
 
 mod support;
 
@@ -53,7 +55,7 @@ fn expected() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A statistic from `expected.json`, where NaN is the string "nan".
+/// Reads a statistic from `expected.json`, where NaN is the string "nan".
 fn statistic(doc: &Value, name: &str) -> f32 {
     match &doc["statistics"][name] {
         Value::String(text) if text == "nan" => f32::NAN,

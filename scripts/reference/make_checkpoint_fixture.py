@@ -60,9 +60,8 @@ The script stops before writing anything when an image scores within
 
 With the seed set before the model is built, runs on one machine give the same
 values. The checkpoint's bytes still differ between runs, because Lightning stores
-the temporary paths of the run in it, and another CPU or other library versions can
-change the weights, so commit the checkpoint and the expected outputs of one run
-together.
+the temporary paths of the run in it. Another CPU or other library versions can change
+the weights, so commit the checkpoint and the expected outputs of one run together.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ const ADAPTOR_PREFIX: &str = "model.feature_adaptor.";
 const FLOW_PREFIX: &str = "model.flow.";
 const POST_PROCESSOR_PREFIX: &str = "post_processor.";
 
-/// Which anomalib versions' state-dict names the checkpoint uses.
+/// Naming scheme of the state-dict keys, by the anomalib versions that wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyLayout {
     /// anomalib 2.5.1 and later: `model.feature_extractor.feature_extractor.<timm key>`.
@@ -125,8 +125,8 @@ fn first_keys(keys: &[String]) -> String {
     if keys.is_empty() {
         return "; the state_dict is empty".into();
     }
-    let shown: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
-    format!("; the state_dict starts with {}", shown.join(", "))
+    let first: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
+    format!("; the state_dict starts with {}", first.join(", "))
 }
 
 /// Checks every tensor the model needs against its expected shape and converts it.

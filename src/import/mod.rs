@@ -191,7 +191,7 @@ pub fn import_bytes(bytes: &[u8], file_name: &str) -> Result<Imported, ImportErr
 fn read_error(error: PthError) -> ImportError {
     match error {
         PthError::Io { source, .. } => ImportError::Io(source),
-        // The legacy reader's detail (which pickle opcode failed) says nothing useful
+        // The legacy reader's detail (which pickle opcode failed) adds nothing useful
         // about a file that is no checkpoint at all.
         PthError::NotACheckpoint(reason) if reason.starts_with("neither a zip archive") => {
             ImportError::NotACheckpoint("neither a zip archive nor a legacy torch file".into())
