@@ -12,6 +12,7 @@ pub mod convert;
 pub mod device;
 pub mod eval;
 pub mod imageops;
+pub mod import;
 pub mod line;
 pub mod metrics;
 pub mod model;

@@ -42,6 +42,18 @@ enum Command {
     },
     /// Train a model on a folder of good images and write a model file.
     Train(Box<TrainArgs>),
+    /// Convert a PatchFlow checkpoint trained in anomalib 2.4 to 2.7 (a Lightning .ckpt)
+    /// to a model file, with its configuration and score statistics.
+    ///
+    /// The checkpoint is read without running Python code: pickle globals other than
+    /// torch's tensor types and plain Python data are rejected.
+    Import {
+        /// The .ckpt file that anomalib's Engine wrote.
+        checkpoint: PathBuf,
+        /// Output model file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Score image files: one JSON line per image, and overlay PNGs with --output-dir.
     Predict {
         /// Model file written by `patchflow train`.
@@ -376,6 +388,82 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_import(input: &Path, output: &Path) -> Result<()> {
+    let imported = patchflow::import::import_checkpoint(input)
+        .map_err(|e| UsageError(format!("cannot import {}: {e}", input.display())))?;
+    create_parent(output)?;
+    checkpoint::save(output, &imported.model, &imported.meta)?;
+    print!("{}", import_summary(input, output, &imported));
+    Ok(())
+}
+
+/// Formats what `patchflow import` read and wrote, one fact per line.
+fn import_summary(input: &Path, output: &Path, imported: &patchflow::import::Imported) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let mut line = |args: std::fmt::Arguments| {
+        // fmt::Write for String never returns an error.
+        let _ = writeln!(text, "{args}");
+    };
+
+    let count = |value: Option<i64>| value.map_or("unknown".to_string(), |v| v.to_string());
+    line(format_args!(
+        "read {}: {}, Lightning {}, epoch {}, global step {}",
+        input.display(),
+        imported.layout.describe(),
+        imported.lightning_version.as_deref().unwrap_or("unknown"),
+        count(imported.epoch),
+        count(imported.global_step)
+    ));
+    for note in &imported.notes {
+        line(format_args!("note: {note}"));
+    }
+
+    let config = &imported.meta.config;
+    let crop = config
+        .crop_size
+        .map_or("none".to_string(), |[h, w]| format!("{h}x{w}"));
+    let resize = match config.preprocess.resize {
+        ResizeMode::Antialias => "antialiased bilinear",
+        ResizeMode::Bilinear => "bilinear",
+    };
+    line(format_args!(
+        "backbone {}, input {}x{} ({resize} resize), crop {crop}, mean {:?}, std {:?}",
+        config.backbone,
+        config.input_size[0],
+        config.input_size[1],
+        config.preprocess.mean,
+        config.preprocess.std
+    ));
+    line(format_args!(
+        "num_scales {}, patch_size {}, flow_steps {}, flow_feature_dim {}, flow_hidden_dim {}",
+        config.num_scales,
+        config.patch_size,
+        config.flow_steps,
+        config.flow_feature_dim,
+        config.flow_hidden_dim
+    ));
+
+    let stats = &imported.meta.stats;
+    line(format_args!(
+        "image scores: threshold {}, min {}, max {}",
+        stats.image_threshold, stats.image_min, stats.image_max
+    ));
+    line(format_args!(
+        "pixel scores: threshold {}, min {}, max {}",
+        stats.pixel_threshold, stats.pixel_min, stats.pixel_max
+    ));
+
+    line(format_args!(
+        "wrote {}: {} tensors, {} values, source sha256 {}",
+        output.display(),
+        imported.tensor_count,
+        imported.element_count,
+        imported.meta.backbone.sha256
+    ));
+    text
+}
+
 fn check_unit_range(flag: &str, value: f32) -> Result<()> {
     if (0.0..=1.0).contains(&value) {
         Ok(())
@@ -576,6 +664,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Train(args) => run_train(args)?,
+        Command::Import { checkpoint, output } => run_import(checkpoint, output)?,
         Command::Predict {
             model,
             inputs,

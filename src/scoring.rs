@@ -22,18 +22,34 @@ use crate::imageops::{HeatMap, PackedFrame};
 use crate::model::{ModelError, PatchFlow};
 
 /// Threshold and range of raw scores, for images and for pixels of the anomaly map.
+///
+/// A value may be NaN, as in anomalib before its post-processor has seen validation
+/// data, and [`normalize`] treats it as anomalib does. JSON has no NaN, so serde_json
+/// writes it as `null`, which reads back as NaN.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ScoreStats {
+    #[serde(deserialize_with = "f32_or_nan")]
     pub image_threshold: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub image_min: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub image_max: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub pixel_threshold: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub pixel_min: f32,
+    #[serde(deserialize_with = "f32_or_nan")]
     pub pixel_max: f32,
     /// Threshold on the log score, calibrated like `image_threshold`. Absent in models
     /// that were imported or written before log scores existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_log_threshold: Option<f32>,
+}
+
+/// Reads a number, or `null` as NaN.
+fn f32_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f32, D::Error> {
+    let value: Option<f32> = Option::deserialize(deserializer)?;
+    Ok(value.unwrap_or(f32::NAN))
 }
 
 impl ScoreStats {
@@ -393,6 +409,26 @@ mod tests {
             assert_eq!(domain.name(), name);
         }
         assert!("linear".parse::<ScoreDomain>().is_err());
+    }
+
+    #[test]
+    fn nan_statistics_survive_json() {
+        let stats = ScoreStats {
+            image_threshold: f32::NAN,
+            image_min: -0.9,
+            image_max: -0.1,
+            pixel_threshold: -0.5,
+            pixel_min: f32::NAN,
+            pixel_max: f32::NAN,
+            image_log_threshold: None,
+        };
+        let json = serde_json::to_string(&stats).unwrap();
+        let back: ScoreStats = serde_json::from_str(&json).unwrap();
+        assert!(back.image_threshold.is_nan(), "{json}");
+        assert!(back.pixel_min.is_nan(), "{json}");
+        assert!(back.pixel_max.is_nan(), "{json}");
+        assert_eq!(back.image_min, -0.9);
+        assert_eq!(back.pixel_threshold, -0.5);
     }
 
     #[test]

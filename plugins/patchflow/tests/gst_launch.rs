@@ -239,3 +239,117 @@ fn gst_inspect_lists_properties() {
     }
     assert!(output.stdout.contains("Filter/Analyzer/Video"));
 }
+
+/// One `patchflow` element message, as `gst-launch-1.0 -m` prints it.
+#[derive(Debug)]
+struct Report {
+    frame: u64,
+    score: f64,
+    normalized_score: f64,
+    is_anomalous: bool,
+}
+
+/// Returns the value after `name=(type)` in a printed structure, up to the next comma.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {name}=("))
+        .unwrap_or_else(|| panic!("no field {name} in {line}"));
+    let rest = &line[start..];
+    let value = &rest[rest.find(')').expect("a closing bracket after the type") + 1..];
+    value
+        .split([',', ';'])
+        .next()
+        .expect("split yields at least one part")
+        .trim()
+}
+
+fn parse_reports(stdout: &str) -> Vec<Report> {
+    stdout
+        .lines()
+        .filter(|line| line.contains("patchflow, score=(double)"))
+        .map(|line| Report {
+            frame: field(line, "frame").parse().unwrap(),
+            score: field(line, "score").parse().unwrap(),
+            normalized_score: field(line, "normalized-score").parse().unwrap(),
+            is_anomalous: field(line, "is-anomalous") == "true",
+        })
+        .collect()
+}
+
+/// A model trained in anomalib and imported with `patchflow import` gives anomalib's
+/// scores and labels in a real pipeline. The images and anomalib's outputs come from
+/// `scripts/reference/make_checkpoint_fixture.py`. pngdec decodes the grey PNGs to
+/// GRAY8 and videoconvert copies the grey value to R, G and B, as PIL's RGB conversion
+/// does in anomalib.
+#[test]
+fn gst_launch_imported_anomalib_model() {
+    let fixtures = support::repo_path("tests/fixtures/anomalib");
+    let imported = patchflow::import::import_checkpoint(&fixtures.join("patchflow_lite0.ckpt"))
+        .unwrap_or_else(|err| panic!("failed to import the anomalib checkpoint: {err}"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("imported.safetensors");
+    patchflow::checkpoint::save(&model, &imported.model, &imported.meta).unwrap();
+
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap())
+            .unwrap();
+    let predictions = expected["predictions"].as_array().unwrap();
+    for (index, prediction) in predictions.iter().enumerate() {
+        let image = fixtures
+            .join("images")
+            .join(prediction["image"].as_str().unwrap());
+        std::fs::copy(&image, dir.path().join(format!("frame-{index}.png"))).unwrap();
+    }
+    let environment = PluginEnvironment::new();
+    let location = dir.path().join("frame-%d.png");
+    let pipeline = format!(
+        "multifilesrc location={} index=0 stop-index={} caps=image/png,framerate=1/1 ! \
+         pngdec ! videoconvert ! patchflowscore model={} ! fakesink",
+        path_str(&location),
+        predictions.len() - 1,
+        path_str(&model)
+    );
+    let mut args = vec!["-m"];
+    args.extend(pipeline.split_whitespace());
+
+    let output = environment.run("gst-launch-1.0", &args);
+    assert_success(&output, "gst-launch-1.0");
+    let reports = parse_reports(&output.stdout);
+    assert_eq!(
+        reports.len(),
+        predictions.len(),
+        "stdout:\n{}",
+        output.stdout
+    );
+    // The same bound as the library's import tests: 1e-4 on raw scores, scaled by the
+    // score range for normalised ones, and equal labels.
+    let stats = imported.meta.stats;
+    let max_raw_diff = 1e-4;
+    let max_normalized_diff = max_raw_diff / f64::from(stats.image_max - stats.image_min);
+    for (report, prediction) in reports.iter().zip(predictions) {
+        let image = prediction["image"].as_str().unwrap();
+        let raw = prediction["raw_score"].as_f64().unwrap();
+        let normalized = prediction["normalized_score"].as_f64().unwrap();
+        let raw_diff = (report.score - raw).abs();
+        let normalized_diff = (report.normalized_score - normalized).abs();
+        println!(
+            "frame {} ({image}): raw score diff {raw_diff:.3e}, normalised diff {normalized_diff:.3e}",
+            report.frame
+        );
+        assert!(
+            raw_diff <= max_raw_diff,
+            "{image}: score {} vs anomalib {raw}",
+            report.score
+        );
+        assert!(
+            normalized_diff <= max_normalized_diff,
+            "{image}: normalised score {} vs anomalib {normalized}",
+            report.normalized_score
+        );
+        assert_eq!(
+            report.is_anomalous,
+            prediction["label"].as_bool().unwrap(),
+            "{image}: label"
+        );
+    }
+}
