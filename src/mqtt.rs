@@ -774,7 +774,6 @@ pub fn frame_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imageops::HeatMap;
 
     fn address(host: &str, port: u16) -> BrokerAddress {
         BrokerAddress {
@@ -889,18 +888,7 @@ mod tests {
     }
 
     fn scores(score: f32, normalized_score: f32, log_score: f32) -> FrameScore {
-        let empty = HeatMap {
-            width: 0,
-            height: 0,
-            values: Vec::new(),
-        };
-        FrameScore {
-            score,
-            normalized_score,
-            log_score,
-            heat: empty.clone(),
-            log_patches: empty,
-        }
+        FrameScore::without_maps(score, normalized_score, log_score)
     }
 
     #[test]

@@ -226,6 +226,23 @@ pub struct FrameScore {
 }
 
 impl FrameScore {
+    /// Builds a result with the three image scores and empty maps, for code that only
+    /// needs the decision, such as message builders and alarm logic.
+    pub fn without_maps(score: f32, normalized_score: f32, log_score: f32) -> Self {
+        let empty = HeatMap {
+            width: 0,
+            height: 0,
+            values: Vec::new(),
+        };
+        Self {
+            score,
+            normalized_score,
+            log_score,
+            heat: empty.clone(),
+            log_patches: empty,
+        }
+    }
+
     /// Tells whether the normalised score exceeds `threshold` (0.5 is the model's own).
     pub fn is_anomalous(&self, threshold: f32) -> bool {
         self.normalized_score > threshold
@@ -363,18 +380,7 @@ mod tests {
     }
 
     fn frame(score: f32, normalized_score: f32, log_score: f32) -> FrameScore {
-        let empty = HeatMap {
-            width: 0,
-            height: 0,
-            values: Vec::new(),
-        };
-        FrameScore {
-            score,
-            normalized_score,
-            log_score,
-            heat: empty.clone(),
-            log_patches: empty,
-        }
+        FrameScore::without_maps(score, normalized_score, log_score)
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod support;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use patchflow::imageops::HeatMap;
 use patchflow::mqtt::{MqttError, MqttSettings, Publisher, frame_message};
 use patchflow::scoring::{FrameScore, Threshold};
 use serde_json::Value;
@@ -54,18 +53,11 @@ fn settings(url: String, client_id: &str, qos: u8, queue_capacity: usize) -> Mqt
 /// Builds the JSON payload of frame `frame` with values derived from its index.
 fn frame_payload(frame: u64) -> Vec<u8> {
     let normalized_score = (frame % 10) as f32 / 10.0;
-    let empty = HeatMap {
-        width: 0,
-        height: 0,
-        values: Vec::new(),
-    };
-    let score = FrameScore {
-        score: normalized_score * 2.0 - 1.0,
+    let score = FrameScore::without_maps(
+        normalized_score * 2.0 - 1.0,
         normalized_score,
-        log_score: normalized_score * 4.0,
-        heat: empty.clone(),
-        log_patches: empty,
-    };
+        normalized_score * 4.0,
+    );
     frame_message(
         "camera-1",
         frame,
