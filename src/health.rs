@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Per-camera health and Prometheus metrics, served over HTTP.
 //!
-//! A [`Registry`] holds one [`CameraMetrics`] per camera name. A runner calls
+//! A [`Registry`] contains one [`CameraMetrics`] per camera name. A runner calls
 //! [`Registry::camera`] once per camera and keeps the returned `Arc`. The pipeline's
-//! streaming thread then updates it with atomic operations and never takes a lock that the
-//! HTTP side holds for longer than copying a few values. The only locks on that path guard
-//! the frame-time window behind the fps gauge and the last error text.
+//! streaming thread then updates it with atomic operations, except for two short locks:
+//! one around the frame times behind the fps gauge, and one around the last error text.
+//! The HTTP side holds each of them only for a binary search or a string copy.
 //!
 //! [`HealthServer`] serves the registry on a loopback address by default
 //! ([`DEFAULT_ADDR`]). It runs one accept thread and one short-lived thread per connection,
@@ -344,20 +344,23 @@ impl FrameTimes {
             return 0.0;
         };
         let end = now.max(newest);
-        let in_window: Vec<Instant> = match end.checked_sub(FPS_WINDOW) {
-            Some(cutoff) => times.iter().copied().filter(|&t| t > cutoff).collect(),
-            None => times.iter().copied().collect(),
+        // The times are sorted, so the frames in the window are a suffix of the queue.
+        let first = match end.checked_sub(FPS_WINDOW) {
+            Some(cutoff) => times.partition_point(|&t| t <= cutoff),
+            None => 0,
         };
+        let count = times.len() - first;
+        let oldest = times.get(first).copied();
         drop(times);
 
-        let Some(&oldest) = in_window.first() else {
+        let Some(oldest) = oldest else {
             return 0.0;
         };
         let span = end.duration_since(oldest).as_secs_f64();
-        if in_window.len() < 2 || span == 0.0 {
+        if count < 2 || span == 0.0 {
             return 0.0;
         }
-        (in_window.len() - 1) as f64 / span
+        (count - 1) as f64 / span
     }
 }
 
@@ -584,6 +587,8 @@ pub enum ServerError {
     AddressInUse { addr: String, source: io::Error },
     #[error("cannot serve health and metrics on {addr}: {source}")]
     Bind { addr: String, source: io::Error },
+    #[error("invalid health server options: {0}")]
+    InvalidOptions(&'static str),
     #[error("cannot start the health server thread: {0}")]
     Thread(io::Error),
 }
@@ -601,6 +606,18 @@ pub struct HealthServer {
 impl HealthServer {
     /// Binds `options.addr` and starts serving `registry` in the background.
     pub fn start(options: &ServerOptions, registry: Arc<Registry>) -> Result<Self, ServerError> {
+        // The socket timeouts reject a zero duration, and a limit of zero would reject every
+        // connection.
+        if options.request_timeout.is_zero() {
+            return Err(ServerError::InvalidOptions(
+                "request_timeout must be greater than zero",
+            ));
+        }
+        if options.max_connections == 0 {
+            return Err(ServerError::InvalidOptions(
+                "max_connections must be at least 1",
+            ));
+        }
         let listener = TcpListener::bind(options.addr.as_str()).map_err(|source| {
             let addr = options.addr.clone();
             if source.kind() == io::ErrorKind::AddrInUse {
@@ -700,7 +717,9 @@ impl Server {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
                     self.accept_errors += 1;
-                    if self.accept_errors == 1 || self.accept_errors % LOG_REPEAT_INTERVAL == 0 {
+                    if self.accept_errors == 1
+                        || self.accept_errors.is_multiple_of(LOG_REPEAT_INTERVAL)
+                    {
                         tracing::warn!(
                             addr = ?self.listener.local_addr().ok(),
                             %error,
@@ -743,6 +762,7 @@ impl Server {
         self.active.fetch_add(1, Ordering::Relaxed);
         let connection = Connection {
             id,
+            peer,
             stream,
             registry: Arc::clone(&self.registry),
             request_timeout: self.options.request_timeout,
@@ -754,15 +774,15 @@ impl Server {
             .spawn(move || connection.handle())
         {
             Ok(worker) => self.workers.push(worker),
-            // The closure, and with it the connection and its guard, was dropped.
+            // Dropping the closure dropped the connection, whose `Drop` frees its slot.
             Err(error) => tracing::warn!(%peer, %error, "health server cannot start a thread"),
         }
     }
 
-    /// Answers `503` to a connection beyond the limit, without reading its request.
+    /// Sends `503` to a connection beyond the limit, without reading its request.
     fn reject(&mut self, mut stream: TcpStream, peer: SocketAddr) {
         self.rejected += 1;
-        if self.rejected == 1 || self.rejected % LOG_REPEAT_INTERVAL == 0 {
+        if self.rejected == 1 || self.rejected.is_multiple_of(LOG_REPEAT_INTERVAL) {
             tracing::warn!(
                 %peer,
                 max_connections = self.options.max_connections,
@@ -798,6 +818,7 @@ impl Server {
 /// One accepted connection, served on its own thread.
 struct Connection {
     id: u64,
+    peer: SocketAddr,
     stream: TcpStream,
     registry: Arc<Registry>,
     request_timeout: Duration,
@@ -808,17 +829,31 @@ struct Connection {
 impl Connection {
     fn handle(mut self) {
         let deadline = Instant::now() + self.request_timeout;
+        let peer = self.peer;
+        // Client errors are logged at debug level only, because any host that can reach the
+        // port can cause them.
         let routed = match read_request_head(&mut self.stream, deadline) {
             Ok(head) => match parse_request(&head) {
                 Ok(request) => route(&self.registry, &request),
-                Err(error) => error.response(),
+                Err(error) => {
+                    tracing::debug!(%peer, ?error, "health server rejected a malformed request");
+                    error.response()
+                }
             },
             Err(ReadError::TooLarge) => {
+                tracing::debug!(%peer, "health server rejected a request head that is too large");
                 Routed::Full(Response::text(431, "request head too large\n"))
             }
-            Err(ReadError::TimedOut) => Routed::Full(Response::text(408, "request timed out\n")),
-            // Nobody is left to answer.
-            Err(ReadError::Closed | ReadError::Io) => return,
+            Err(ReadError::TimedOut) => {
+                tracing::debug!(%peer, "health server timed out waiting for a request");
+                Routed::Full(Response::text(408, "request timed out\n"))
+            }
+            // The client is gone, so no response is sent.
+            Err(ReadError::Closed) => return,
+            Err(ReadError::Io(error)) => {
+                tracing::debug!(%peer, %error, "health server failed to read a request");
+                return;
+            }
         };
         let (response, with_body) = match routed {
             Routed::Full(response) => (response, true),
@@ -828,7 +863,7 @@ impl Connection {
         let _ = self.stream.set_write_timeout(Some(self.request_timeout));
         // The client may have gone away, which is not the server's error.
         if let Err(error) = response.write_to(&mut self.stream, with_body) {
-            tracing::debug!(%error, "health server could not send a response");
+            tracing::debug!(%peer, %error, "health server failed to send a response");
         }
         close_gracefully(&mut self.stream);
     }
@@ -864,14 +899,14 @@ fn close_gracefully(stream: &mut TcpStream) {
     }
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum ReadError {
     /// The client closed the connection before the end of the headers.
     Closed,
     TimedOut,
     TooLarge,
     /// Any other I/O error, including the socket being shut down by the server.
-    Io,
+    Io(io::Error),
 }
 
 /// Reads up to and including the blank line that ends the headers. Bytes after it are
@@ -886,7 +921,7 @@ fn read_request_head(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8
         }
         stream
             .set_read_timeout(Some(remaining))
-            .map_err(|_| ReadError::Io)?;
+            .map_err(ReadError::Io)?;
         let limit = chunk.len().min(MAX_REQUEST_HEAD_BYTES - head.len());
         let count = match stream.read(&mut chunk[..limit]) {
             Ok(0) => return Err(ReadError::Closed),
@@ -900,7 +935,7 @@ fn read_request_head(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8
                 return Err(ReadError::TimedOut);
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Err(ReadError::Io),
+            Err(error) => return Err(ReadError::Io(error)),
         };
 
         // The terminator may straddle two reads, so search from a little before the new data.
@@ -1002,12 +1037,13 @@ fn parse_request(head: &[u8]) -> Result<Request, ParseError> {
     })
 }
 
-/// Whether `byte` may appear in an HTTP token (a method or header name), per RFC 9110.
+/// Returns whether `byte` may appear in an HTTP token (a method or header name): the
+/// `tchar` set of RFC 9110.
 fn is_token_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
-/// Whether `version` has the form `HTTP/d.d`.
+/// Returns whether `version` has the form `HTTP/d.d`.
 fn is_http_version(version: &str) -> bool {
     let bytes = version.as_bytes();
     bytes.len() == 8
@@ -1119,7 +1155,7 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    /// Read timeout of the test client, so that a server that never answers fails the test
+    /// Read timeout of the test client, so that a server that never responds fails the test
     /// instead of hanging it.
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1425,7 +1461,7 @@ mod tests {
         let fps = camera.snapshot(last).fps;
         assert!((fps - 25.0).abs() < 1e-9, "fps at the last frame: {fps}");
 
-        // 2.5 s after the last frame the window (last - 2.5 s, last + 2.5 s] holds the 63
+        // 2.5 s after the last frame the window (last - 2.5 s, last + 2.5 s] contains the 63
         // frames at last - 0 ms .. last - 2480 ms.
         let fps = camera.snapshot(last + Duration::from_millis(2500)).fps;
         let expected = 62.0 / 4.98;
@@ -1628,7 +1664,8 @@ mod tests {
         assert_eq!(cam["last_error"], serde_json::Value::Null);
         // Frames 100 ms apart that ended 100 ms before the request: a little under 10 fps.
         let fps = cam["fps"].as_f64().expect("fps is a number");
-        assert!(fps > 5.0 && fps < 10.0, "fps: {fps}");
+        assert!(fps > 5.0, "fps: {fps}");
+        assert!(fps < 10.0, "fps: {fps}");
     }
 
     #[test]
@@ -2075,6 +2112,26 @@ mod tests {
         assert!(message.contains(&addr), "{message}");
         assert!(message.contains("already in use"), "{message}");
         assert!(message.contains("port 0"), "{message}");
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        let registry = Arc::new(Registry::new());
+        let zero_timeout = ServerOptions {
+            request_timeout: Duration::ZERO,
+            ..loopback_options()
+        };
+        let error = HealthServer::start(&zero_timeout, Arc::clone(&registry))
+            .expect_err("zero request timeout");
+        assert!(error.to_string().contains("request_timeout"), "{error}");
+
+        let no_connections = ServerOptions {
+            max_connections: 0,
+            ..loopback_options()
+        };
+        let error =
+            HealthServer::start(&no_connections, registry).expect_err("zero max connections");
+        assert!(error.to_string().contains("max_connections"), "{error}");
     }
 
     #[test]
