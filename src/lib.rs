@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod device;
 pub mod eval;
+pub mod health;
 pub mod imageops;
 pub mod import;
 pub mod line;
