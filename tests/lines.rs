@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `patchflow run` with several cameras against a real mosquitto broker: availability and
 //! its Last Will, alarm events, state topics, broker restarts, camera restarts and clean
-//! stops. Frames are crops of the committed textures. A "defect" is a few brick frames
-//! amid gravel frames.
+//! stops. Frames are crops of the committed textures. A "defect" is a few frames of
+//! another texture amid the normal one.
 //!
 //! `run` needs `libgstpatchflow.so` next to the binary, which
 //! `cargo build --release --workspace` puts there.
@@ -77,7 +77,7 @@ fn write_frames(
 
 /// Returns a (normal, defect) pair of textures whose crops the model keeps apart, every
 /// defect crop scoring above every normal one, and a log-domain threshold between them.
-/// The alarm test then does not depend on training.
+/// The alarm test then does not depend on how well a short training run separates them.
 fn separated_textures(model: &Path) -> ((&'static str, &'static str), f64) {
     let scorer = Scorer::load(model, &candle_core::Device::Cpu).unwrap();
     let log_score = |texture: &str, i: usize| {
