@@ -69,12 +69,13 @@ echo "running configs/demo.toml with the broker on 127.0.0.1:$port..."
 PATCHFLOW_MQTT_URL="mqtt://127.0.0.1:$port" "$pf" run configs/demo.toml 2>&1 | tee "$out/run.log"
 sleep 1
 
-frames=$(wc -l < "$out/mqtt.log")
-anomalous=$(grep -c '"is_anomalous":true' "$out/mqtt.log" || true)
+frames=$(grep -c '/score ' "$out/mqtt.log" || true)
+anomalous=$(grep '/score ' "$out/mqtt.log" | grep -c '"is_anomalous":true' || true)
+events=$(grep -c '^patchflow/events ' "$out/mqtt.log" || true)
 echo
 echo "demo done:"
 sed 's/^/  /' "$out/eval.txt"
 echo "  $out/overlay.avi: $(du -h "$out/overlay.avi" | cut -f1) of video with the heatmap overlay"
 echo "  $out/overlays/: $(ls "$out/overlays" | wc -l) overlay PNGs of test cells"
-echo "  $out/mqtt.log: $frames messages received by the broker ($anomalous anomalous); first one:"
-head -1 "$out/mqtt.log" | sed 's/^/    /'
+echo "  $out/mqtt.log: $frames score messages ($anomalous anomalous) and $events event messages; first score:"
+grep -m1 '/score ' "$out/mqtt.log" | sed 's/^/    /'

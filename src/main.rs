@@ -99,21 +99,21 @@ enum Command {
     /// (scripts/reference/bench_torch.py in the reference environment) and the table
     /// shows our time over PyTorch's.
     Bench(BenchArgs),
-    /// Run the production line described by a TOML config until end of stream or Ctrl-C.
+    /// Run every camera of a TOML config until all streams end, or until SIGINT or SIGTERM.
     Run {
-        /// Line config file (see configs/).
+        /// Config file (see configs/ and `patchflow config example`).
         config: PathBuf,
     },
-    /// Validate line configs or print a commented example.
+    /// Validate a config or print a commented example.
     #[command(subcommand)]
     Config(ConfigCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Check a line config and list every invalid field with the reason (exit code 2).
+    /// Check a config and list every invalid field with its path and the reason (exit code 2).
     Check {
-        /// Line config file.
+        /// Config file.
         config: PathBuf,
     },
     /// Print a commented config with every setting.
@@ -687,9 +687,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { config } => return patchflow::line::run_file(config),
         Command::Config(ConfigCommand::Example) => print!("{}", patchflow::line::EXAMPLE_CONFIG),
         Command::Config(ConfigCommand::Check { config }) => {
-            let line = patchflow::line::LineConfig::load(config)?;
+            let loaded = patchflow::line::Config::load(config)?;
             println!("{}: valid", config.display());
-            println!("pipeline: {}", line.pipeline_description());
+            for camera in &loaded.cameras {
+                println!(
+                    "camera {} (line {}): {}",
+                    camera.name,
+                    camera.line,
+                    patchflow::line::pipeline_description(camera, None)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

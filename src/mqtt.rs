@@ -9,8 +9,12 @@
 //! from the queue into `rumqttc` only while the broker is connected. The queue therefore holds
 //! what arrives during an outage, and messages beyond its capacity are dropped and counted.
 //!
-//! Only plain TCP (`mqtt://HOST[:PORT]`) and MQTT 3.1.1 are supported. Messages are published
-//! without the retain flag, with a clean session.
+//! Only plain TCP (`mqtt://HOST[:PORT]`) and MQTT 3.1.1 are supported, with a clean session.
+//! [`Publisher::publish`] sends at the settings' QoS without the retain flag, and
+//! [`Publisher::publish_with`] chooses both per message. [`MqttSettings::last_will`] registers
+//! a Last Will with the broker, [`MqttSettings::birth`] is published first after every
+//! connection acknowledgement (for an availability topic), and [`MqttSettings::credentials`]
+//! logs in with a user name and password.
 //!
 //! [`FrameMessage`] is the JSON payload published for each scored frame.
 
@@ -23,8 +27,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
-    AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing,
-    Publish, QoS, Request,
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
+    Outgoing, Publish, QoS, Request,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -82,6 +86,10 @@ pub enum MqttError {
     ZeroQueueCapacity,
     #[error("invalid MQTT keep-alive {0:?}: expected 0 (off) or whole seconds from 1 s to 65535 s")]
     InvalidKeepAlive(Duration),
+    #[error(
+        "invalid MQTT topic {topic:?} for the {role}: expected a non-empty name without + and #"
+    )]
+    InvalidTopic { topic: String, role: &'static str },
     #[error("failed to start the MQTT publisher thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -100,6 +108,39 @@ pub struct MqttSettings {
     pub queue_capacity: usize,
     /// Interval of MQTT keep-alive pings, 0 to disable them. Sub-second parts are truncated.
     pub keep_alive: Duration,
+    /// Message that the broker publishes when the connection ends without a DISCONNECT,
+    /// such as after a crash or a network failure.
+    pub last_will: Option<MqttMessage>,
+    /// Message published after every connection acknowledgement, before anything queued.
+    pub birth: Option<MqttMessage>,
+    /// User name and password sent in CONNECT.
+    pub credentials: Option<Credentials>,
+}
+
+/// A complete MQTT message: topic, payload, QoS and retain flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// User name and password for the broker. `Debug` prints the user name only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for MqttSettings {
@@ -112,6 +153,9 @@ impl Default for MqttSettings {
             qos: 0,
             queue_capacity: 1024,
             keep_alive: Duration::from_secs(30),
+            last_will: None,
+            birth: None,
+            credentials: None,
         }
     }
 }
@@ -141,6 +185,8 @@ pub struct PublisherStats {
 #[derive(Debug)]
 pub struct Publisher {
     broker: BrokerAddress,
+    /// QoS of [`Publisher::publish`].
+    qos: QoS,
     queue_tx: mpsc::Sender<Message>,
     queue_capacity: usize,
     counters: Arc<Counters>,
@@ -160,9 +206,25 @@ impl Publisher {
             return Err(MqttError::ZeroQueueCapacity);
         }
         let keep_alive = validate_keep_alive(settings.keep_alive)?;
+        let birth = match settings.birth {
+            Some(message) => Some(Message::from_settings(message, "birth message")?),
+            None => None,
+        };
 
         let mut options = MqttOptions::new(settings.client_id, broker.host.clone(), broker.port);
         options.set_keep_alive(keep_alive);
+        if let Some(will) = settings.last_will {
+            let will = Message::from_settings(will, "Last Will")?;
+            options.set_last_will(LastWill::new(
+                will.topic,
+                will.payload,
+                will.qos,
+                will.retain,
+            ));
+        }
+        if let Some(credentials) = settings.credentials {
+            options.set_credentials(credentials.username, credentials.password);
+        }
         options.set_clean_session(true);
         options.set_inflight(MAX_INFLIGHT);
         options.set_max_packet_size(options.max_packet_size(), MAX_PACKET_SIZE);
@@ -184,7 +246,7 @@ impl Publisher {
             backlog: VecDeque::new(),
             counters: Arc::clone(&counters),
             broker: broker.clone(),
-            qos,
+            birth,
             in_flight: 0,
             client_full: false,
             consecutive_failures: 0,
@@ -199,6 +261,7 @@ impl Publisher {
 
         Ok(Publisher {
             broker,
+            qos,
             queue_tx,
             queue_capacity: settings.queue_capacity,
             counters,
@@ -213,6 +276,22 @@ impl Publisher {
     /// full, when `topic` is not a valid MQTT topic name (empty, containing `+`, `#` or NUL),
     /// or when the packet would exceed [`MAX_PACKET_SIZE`].
     pub fn publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+        self.queue(topic, payload, self.qos, false)
+    }
+
+    /// Queues a message like [`Publisher::publish`], with its own QoS (0, 1 or 2) and retain
+    /// flag. A QoS above 2 is rejected and counted as dropped.
+    pub fn publish_with(&self, topic: &str, payload: Vec<u8>, qos: u8, retain: bool) -> bool {
+        match qos_from_level(qos) {
+            Ok(qos) => self.queue(topic, payload, qos, retain),
+            Err(_) => {
+                self.count_drop("invalid MQTT QoS, expected 0, 1 or 2", topic);
+                false
+            }
+        }
+    }
+
+    fn queue(&self, topic: &str, payload: Vec<u8>, qos: QoS, retain: bool) -> bool {
         if !is_valid_topic(topic) {
             self.count_drop("invalid MQTT topic name, expected no wildcards", topic);
             return false;
@@ -225,6 +304,8 @@ impl Publisher {
         let message = Message {
             topic: topic.to_owned(),
             payload,
+            qos,
+            retain,
         };
         match self.queue_tx.try_send(message) {
             Ok(()) => true,
@@ -255,9 +336,10 @@ impl Publisher {
     /// While the broker is connected, the thread first sends what is queued and waits for
     /// acknowledgements (QoS 1 and 2) for up to three quarters of `timeout`, then disconnects.
     /// Messages still unsent are counted as dropped. If the thread has not finished when
-    /// `timeout` expires, it is detached and a warning is logged.
-    pub fn shutdown(mut self, timeout: Duration) {
+    /// `timeout` expires, it is detached and a warning is logged. Returns the final counters.
+    pub fn shutdown(mut self, timeout: Duration) -> PublisherStats {
         self.stop(timeout);
+        self.stats()
     }
 
     fn stop(&mut self, timeout: Duration) {
@@ -311,10 +393,30 @@ struct Counters {
     reconnect_attempts: AtomicU64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Message {
     topic: String,
     payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
+}
+
+impl Message {
+    /// Validates a message from the settings. `role` names it in errors.
+    fn from_settings(message: MqttMessage, role: &'static str) -> Result<Self, MqttError> {
+        if !is_valid_topic(&message.topic) {
+            return Err(MqttError::InvalidTopic {
+                topic: message.topic,
+                role,
+            });
+        }
+        Ok(Self {
+            topic: message.topic,
+            payload: message.payload,
+            qos: qos_from_level(message.qos)?,
+            retain: message.retain,
+        })
+    }
 }
 
 impl From<Publish> for Message {
@@ -322,6 +424,8 @@ impl From<Publish> for Message {
         Self {
             topic: publish.topic,
             payload: publish.payload.to_vec(),
+            qos: publish.qos,
+            retain: publish.retain,
         }
     }
 }
@@ -441,7 +545,8 @@ struct Worker {
     backlog: VecDeque<Message>,
     counters: Arc<Counters>,
     broker: BrokerAddress,
-    qos: QoS,
+    /// Message put at the front of the backlog on every connection acknowledgement.
+    birth: Option<Message>,
     /// Publishes handed to `rumqttc` and not yet written (QoS 0) or acknowledged (QoS 1, 2).
     in_flight: usize,
     /// Whether `rumqttc` refused a message since the event loop last made progress.
@@ -508,10 +613,12 @@ impl Worker {
 
             // `publish` accepted only valid topics, so a refusal means that the channel is
             // full. The message goes back to the front to keep the order.
-            match self
-                .client
-                .try_publish(message.topic, self.qos, false, message.payload)
-            {
+            match self.client.try_publish(
+                message.topic,
+                message.qos,
+                message.retain,
+                message.payload,
+            ) {
                 Ok(()) => self.in_flight += 1,
                 Err(ClientError::TryRequest(request) | ClientError::Request(request)) => {
                     if let Request::Publish(publish) = request {
@@ -546,14 +653,15 @@ impl Worker {
                 );
                 self.consecutive_failures = 0;
                 self.backoff = INITIAL_BACKOFF;
+                if let Some(birth) = &self.birth {
+                    self.backlog.push_front(birth.clone());
+                }
             }
-            Event::Outgoing(Outgoing::Publish(_)) if self.qos == QoS::AtMostOnce => {
-                self.complete_publish();
-            }
-            Event::Incoming(Incoming::PubAck(_)) if self.qos == QoS::AtLeastOnce => {
-                self.complete_publish();
-            }
-            Event::Incoming(Incoming::PubComp(_)) if self.qos == QoS::ExactlyOnce => {
+            // `rumqttc` numbers QoS 1 and 2 publishes from 1, and QoS 0 publishes get packet
+            // id 0, so an outgoing publish with id 0 completes a QoS 0 message. QoS 1 and 2
+            // messages complete with their PUBACK and PUBCOMP.
+            Event::Outgoing(Outgoing::Publish(0))
+            | Event::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_)) => {
                 self.complete_publish();
             }
             _ => {}
@@ -870,6 +978,30 @@ mod tests {
                 },
                 "invalid MQTT keep-alive 65536s: expected 0 (off) or whole seconds from 1 s to 65535 s",
             ),
+            (
+                MqttSettings {
+                    last_will: Some(MqttMessage {
+                        topic: "patchflow/#".to_owned(),
+                        payload: b"offline".to_vec(),
+                        qos: 1,
+                        retain: true,
+                    }),
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT topic \"patchflow/#\" for the Last Will: expected a non-empty name without + and #",
+            ),
+            (
+                MqttSettings {
+                    birth: Some(MqttMessage {
+                        topic: "patchflow/available".to_owned(),
+                        payload: b"online".to_vec(),
+                        qos: 4,
+                        retain: true,
+                    }),
+                    ..MqttSettings::default()
+                },
+                "invalid MQTT QoS 4: expected 0, 1 or 2",
+            ),
         ];
         for (settings, expected) in cases {
             let error = Publisher::start(settings).unwrap_err();
@@ -978,6 +1110,34 @@ mod tests {
         assert!(json["score"].is_null());
         assert!(json["normalized_score"].is_null());
         assert!(json["log_score"].is_null());
+    }
+
+    #[test]
+    fn credentials_debug_hides_password() {
+        let credentials = Credentials {
+            username: "line-user".to_owned(),
+            password: "s3cret-value".to_owned(),
+        };
+        let settings = MqttSettings {
+            credentials: Some(credentials),
+            ..MqttSettings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(printed.contains("line-user"), "{printed}");
+        assert!(!printed.contains("s3cret-value"), "{printed}");
+    }
+
+    #[test]
+    fn publish_with_rejects_invalid_qos() {
+        let publisher = Publisher::start(MqttSettings {
+            url: "mqtt://127.0.0.1:9".to_owned(),
+            ..MqttSettings::default()
+        })
+        .unwrap();
+        assert!(!publisher.publish_with("a/b", b"x".to_vec(), 3, false));
+        assert!(publisher.publish_with("a/b", b"x".to_vec(), 1, true));
+        assert_eq!(publisher.stats().dropped, 1);
+        publisher.shutdown(Duration::from_millis(100));
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //! apart. Use the raw or normalised score to reproduce anomalib's decisions, and the log
 //! score to rank or threshold images that tie at either end.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
-use candle_core::Device;
+use candle_core::{Device, DeviceLocation};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, ModelMeta};
@@ -273,7 +275,15 @@ pub struct RawScore {
     pub log_patches: HeatMap,
 }
 
+/// Models loaded through [`Scorer::shared`], by canonical file path and device.
+type SharedScorers = HashMap<(PathBuf, DeviceLocation), Weak<Scorer>>;
+
+static SHARED_SCORERS: Mutex<Option<SharedScorers>> = Mutex::new(None);
+
 /// A loaded model with its statistics, ready to score images.
+///
+/// Scoring takes `&self` and the model holds only immutable tensors, so one `Scorer` is
+/// `Send + Sync` and serves several streaming threads at once without a lock.
 #[derive(Debug)]
 pub struct Scorer {
     model: PatchFlow,
@@ -285,6 +295,33 @@ impl Scorer {
     pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
         let (model, meta) = checkpoint::load(path, device)?;
         Ok(Self { model, meta })
+    }
+
+    /// Returns the model in `path` on `device`, loading it only when no caller in this
+    /// process holds it already, and whether this call loaded it.
+    ///
+    /// Models are keyed by canonical path and device. The cache keeps weak references, so
+    /// a model is freed when the last `Arc` is dropped and loaded again on the next call.
+    /// A file changed on disk while a caller holds its model is not reloaded. The cache
+    /// lock is held during loading, so concurrent calls for one model load it once.
+    pub fn shared(path: &Path, device: &Device) -> Result<(Arc<Self>, bool), ModelError> {
+        let canonical = path.canonicalize().map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let key = (canonical, device.location());
+        // A panic while loading leaves no entry behind, so a poisoned lock is safe to use.
+        let mut cache = SHARED_SCORERS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cache = cache.get_or_insert_with(HashMap::new);
+        if let Some(scorer) = cache.get(&key).and_then(Weak::upgrade) {
+            return Ok((scorer, false));
+        }
+        cache.retain(|_, weak| weak.strong_count() > 0);
+        let scorer = Arc::new(Self::load(&key.0, device)?);
+        cache.insert(key, Arc::downgrade(&scorer));
+        Ok((scorer, true))
     }
 
     /// Wraps an already built model.
@@ -365,6 +402,22 @@ impl Scorer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scorer_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Scorer>();
+    }
+
+    #[test]
+    fn shared_scorer_reports_missing_file() {
+        let err =
+            Scorer::shared(Path::new("/nonexistent/model.safetensors"), &Device::Cpu).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/model.safetensors"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn threshold_maps_to_half() {

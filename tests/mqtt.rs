@@ -47,6 +47,7 @@ fn settings(url: String, client_id: &str, qos: u8, queue_capacity: usize) -> Mqt
         qos,
         queue_capacity,
         keep_alive: Duration::from_secs(5),
+        ..MqttSettings::default()
     }
 }
 

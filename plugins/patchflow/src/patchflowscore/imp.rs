@@ -6,7 +6,7 @@
 //! results out.
 
 use std::path::PathBuf;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use gst::glib;
@@ -149,7 +149,8 @@ impl From<&Settings> for FrameSettings {
 
 /// The loaded model and the frame counters, from `start()` to `stop()`.
 struct State {
-    scorer: Scorer,
+    /// Shared with every element of the process that uses the same file and device.
+    scorer: Arc<Scorer>,
     /// Number of frames seen since `start()`, which is also the next frame's number.
     frame_count: u64,
     /// Frames passed on without scoring because of `scoring-interval`.
@@ -798,8 +799,9 @@ impl PatchflowScore {
         Ok(())
     }
 
-    /// Loads the model file named by the `model` property onto the `device` property.
-    fn load_model(&self, settings: &Settings) -> Result<Scorer, gst::ErrorMessage> {
+    /// Loads the model file named by the `model` property onto the `device` property, or
+    /// reuses the copy that another element of this process has loaded.
+    fn load_model(&self, settings: &Settings) -> Result<Arc<Scorer>, gst::ErrorMessage> {
         let Some(path) = settings.model.as_ref() else {
             gst::error!(CAT, imp = self, "No model file set");
             return Err(gst::error_msg!(
@@ -829,7 +831,7 @@ impl PatchflowScore {
             settings.device
         );
         let started = Instant::now();
-        let scorer = Scorer::load(path, &device).map_err(|err| {
+        let (scorer, loaded) = Scorer::shared(path, &device).map_err(|err| {
             gst::error!(
                 CAT,
                 imp = self,
@@ -845,6 +847,16 @@ impl PatchflowScore {
 
         let meta = scorer.meta();
         let [input_height, input_width] = meta.config.input_size;
+        if !loaded {
+            gst::info!(
+                CAT,
+                imp = self,
+                "Reusing model {} on {}, already loaded in this process",
+                path.display(),
+                settings.device
+            );
+            return Ok(scorer);
+        }
         gst::info!(
             CAT,
             imp = self,

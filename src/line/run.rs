@@ -1,0 +1,494 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `patchflow run`: one pipeline, bus watch and alarm tracker per camera, each on its own
+//! thread, with restarts after errors and a clean stop on SIGINT or SIGTERM.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Result, anyhow};
+use gst::prelude::*;
+
+use crate::alarm::{AlarmOutput, AlarmTracker, EventKind, ScoredFrame, Scores};
+use crate::mqtt::{FrameMessage, PublisherStats};
+use crate::scoring::ScoreDomain;
+
+use super::config::{CameraConfig, Config, SinkConfig};
+use super::output::Output;
+use super::pipeline::{self, SCORER_NAME, StagedImages};
+
+/// Time a stopping pipeline has to deliver end-of-stream, so that files are finalised.
+const EOS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Interval at which bus watches and restart waits look at the stop flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Counters of one camera, updated while it runs and readable from any thread.
+#[derive(Debug, Default)]
+pub struct CameraCounters {
+    /// Frames scored.
+    pub frames: AtomicU64,
+    /// Scored frames above the threshold.
+    pub anomalous: AtomicU64,
+    /// Frames passed on without scoring because of `scoring.interval`, counted when a
+    /// pipeline stops.
+    pub skipped: AtomicU64,
+    /// Alarm events started.
+    pub events: AtomicU64,
+    /// Pipeline restarts after errors.
+    pub restarts: AtomicU64,
+    /// Whether the camera's pipeline is playing.
+    pub running: AtomicBool,
+    inference_us: AtomicU64,
+    /// Bits of the maximum normalised score as an `f64`.
+    max_score_bits: AtomicU64,
+}
+
+/// A snapshot of [`CameraCounters`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CameraStats {
+    pub frames: u64,
+    pub anomalous: u64,
+    pub skipped: u64,
+    pub events: u64,
+    pub restarts: u64,
+    pub running: bool,
+    pub max_score: f64,
+    pub mean_inference_ms: f64,
+}
+
+impl CameraCounters {
+    pub fn snapshot(&self) -> CameraStats {
+        let frames = self.frames.load(Ordering::Relaxed);
+        let inference_us = self.inference_us.load(Ordering::Relaxed);
+        CameraStats {
+            frames,
+            anomalous: self.anomalous.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            running: self.running.load(Ordering::Relaxed),
+            max_score: f64::from_bits(self.max_score_bits.load(Ordering::Relaxed)),
+            mean_inference_ms: if frames > 0 {
+                inference_us as f64 / 1000.0 / frames as f64
+            } else {
+                0.0
+            },
+        }
+    }
+
+    fn record_frame(&self, is_anomalous: bool, normalized_score: f64, inference_ms: f64) {
+        self.frames.fetch_add(1, Ordering::Relaxed);
+        if is_anomalous {
+            self.anomalous.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inference_us
+            .fetch_add((inference_ms * 1000.0) as u64, Ordering::Relaxed);
+        // Only this camera's thread writes, so a load and a store cannot lose an update.
+        let max = f64::from_bits(self.max_score_bits.load(Ordering::Relaxed));
+        if normalized_score > max {
+            self.max_score_bits
+                .store(normalized_score.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts of one run, printed at the end.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// (line, camera, counters) in config order.
+    pub cameras: Vec<(String, String, CameraStats)>,
+    /// Broker URL and final publisher counters, when the run published.
+    pub mqtt: Option<(String, PublisherStats)>,
+}
+
+/// Returns the process-wide stop flag, installing the SIGINT and SIGTERM handler on the
+/// first call.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    static STOP: OnceLock<Result<Arc<AtomicBool>, String>> = OnceLock::new();
+    STOP.get_or_init(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler_flag = Arc::clone(&stop);
+        ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
+            .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+        Ok(stop)
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// Runs every camera of `config` until all have ended (end of stream) or SIGINT or
+/// SIGTERM stopped them, then publishes `offline` and stops the MQTT publisher.
+/// `on_start` receives each camera's counters before the cameras start.
+pub fn run(
+    config: &Config,
+    on_start: impl FnOnce(&[(String, Arc<CameraCounters>)]),
+) -> Result<RunSummary> {
+    super::ensure_element()?;
+    let stop = stop_flag()?;
+    stop.store(false, Ordering::SeqCst);
+    let output = match &config.mqtt {
+        Some(mqtt) => Some(Output::start(mqtt).map_err(|e| anyhow!("cannot start MQTT: {e}"))?),
+        None => None,
+    };
+    let clock = Clock::now();
+    let counters: Vec<(String, Arc<CameraCounters>)> = config
+        .cameras
+        .iter()
+        .map(|camera| (camera.name.clone(), Arc::default()))
+        .collect();
+    on_start(&counters);
+
+    tracing::info!(cameras = config.cameras.len(), "starting cameras");
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (camera, (_, counters)) in config.cameras.iter().zip(&counters) {
+            let run = CameraRun {
+                camera,
+                output: output.as_ref(),
+                counters,
+                stop: &stop,
+                clock,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("camera-{}", camera.name))
+                .spawn_scoped(scope, move || run.run());
+            match handle {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    tracing::error!(camera = %camera.name, error = %e, "cannot start the camera thread");
+                }
+            }
+        }
+        let mut announced = false;
+        while !handles.iter().all(|h| h.is_finished()) {
+            if stop.load(Ordering::SeqCst) && !announced {
+                eprintln!("interrupted: finishing every camera's stream");
+                announced = true;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        if stop.load(Ordering::SeqCst) && !announced {
+            eprintln!("interrupted: every camera's stream finished");
+        }
+    });
+
+    let mqtt = output.map(|output| {
+        let url = output.url().to_owned();
+        (url, output.shutdown())
+    });
+    Ok(RunSummary {
+        cameras: config
+            .cameras
+            .iter()
+            .zip(&counters)
+            .map(|(camera, (_, c))| (camera.line.clone(), camera.name.clone(), c.snapshot()))
+            .collect(),
+        mqtt,
+    })
+}
+
+/// The monotonic start of the run and the matching Unix time, for alarm timestamps.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: Instant,
+    wall_origin: Duration,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            start: Instant::now(),
+            // A clock before 1970 is a broken clock: event times then count from 0.
+            wall_origin: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// One camera's thread.
+struct CameraRun<'a> {
+    camera: &'a CameraConfig,
+    output: Option<&'a Output>,
+    counters: &'a CameraCounters,
+    stop: &'a AtomicBool,
+    clock: Clock,
+}
+
+/// What the bus watch tracks between frames.
+struct Watch {
+    tracker: AlarmTracker,
+    last_score_message: Option<Instant>,
+}
+
+impl CameraRun<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn run(&self) {
+        let camera = &self.camera.name;
+        let tracker = match AlarmTracker::new(camera, &self.camera.alarm, self.clock.wall_origin) {
+            Ok(tracker) => tracker,
+            Err(e) => {
+                // The config check validated the settings, so this is not expected.
+                tracing::error!(camera = %camera, error = %e, "invalid alarm settings");
+                return;
+            }
+        };
+        let mut watch = Watch {
+            tracker,
+            last_score_message: None,
+        };
+        if let Some(output) = self.output {
+            output.state(camera, watch.tracker.state());
+        }
+
+        let restart = &self.camera.restart;
+        let initial_delay = Duration::from_secs_f64(restart.initial_delay);
+        let max_delay = Duration::from_secs_f64(restart.max_delay);
+        let mut delay = initial_delay;
+        let mut attempt = 0u64;
+        while !self.stopping() {
+            let frames_before = self.counters.frames.load(Ordering::Relaxed);
+            let result = self.run_pipeline(&mut watch);
+            self.end_event(&mut watch);
+            match result {
+                Ok(()) => break,
+                Err(error) if self.stopping() => {
+                    tracing::warn!(camera = %camera, %error, "camera pipeline failed while stopping");
+                    break;
+                }
+                Err(error) => {
+                    if self.counters.frames.load(Ordering::Relaxed) > frames_before {
+                        delay = initial_delay;
+                        attempt = 0;
+                    }
+                    attempt += 1;
+                    self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        camera = %camera,
+                        line = %self.camera.line,
+                        %error,
+                        attempt,
+                        retry_in = ?delay,
+                        "camera pipeline failed, restarting"
+                    );
+                    self.sleep(delay);
+                    delay = (delay * 2).min(max_delay);
+                }
+            }
+        }
+        tracing::info!(camera = %camera, stats = ?self.counters.snapshot(), "camera stopped");
+    }
+
+    /// Waits for `duration`, or less when the run is stopping.
+    fn sleep(&self, duration: Duration) {
+        let until = Instant::now() + duration;
+        while !self.stopping() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(POLL_INTERVAL));
+        }
+    }
+
+    /// Builds and plays the camera's pipeline until end-of-stream or an error.
+    fn run_pipeline(&self, watch: &mut Watch) -> Result<(), String> {
+        let camera = &self.camera.name;
+        let staged = match pipeline::needs_staging(self.camera) {
+            Some(location) => Some(StagedImages::create(location, camera)?),
+            None => None,
+        };
+        match &self.camera.sink {
+            SinkConfig::File { location } => create_parent(Path::new(location))?,
+            SinkConfig::Frames { folder } => std::fs::create_dir_all(folder)
+                .map_err(|e| format!("cannot create sink folder {folder}: {e}"))?,
+            _ => {}
+        }
+        let description = pipeline::description(self.camera, staged.as_ref());
+        tracing::info!(camera = %camera, line = %self.camera.line, pipeline = %description, "starting camera pipeline");
+        let pipeline = gst::parse::launch(&description)
+            .map_err(|e| format!("cannot build the pipeline: {e}"))?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| "the camera description did not produce a pipeline".to_string())?;
+
+        let result = if pipeline.set_state(gst::State::Playing).is_err() {
+            Err(format!(
+                "cannot start the pipeline: {}",
+                first_error(&pipeline).unwrap_or_default()
+            ))
+        } else {
+            self.counters.running.store(true, Ordering::Relaxed);
+            self.watch_bus(&pipeline, watch)
+        };
+        self.counters.running.store(false, Ordering::Relaxed);
+        if let Some(scorer) = pipeline.by_name(SCORER_NAME) {
+            self.counters
+                .skipped
+                .fetch_add(scorer.property::<u64>("frames-skipped"), Ordering::Relaxed);
+        }
+        pipeline.set_state(gst::State::Null).ok();
+        result
+    }
+
+    fn watch_bus(&self, pipeline: &gst::Pipeline, watch: &mut Watch) -> Result<(), String> {
+        let bus = pipeline.bus().expect("a pipeline has a bus");
+        let mut eos_deadline: Option<Instant> = None;
+        loop {
+            if self.stopping() && eos_deadline.is_none() {
+                tracing::info!(camera = %self.camera.name, "stopping: sending end-of-stream");
+                pipeline.send_event(gst::event::Eos::new());
+                eos_deadline = Some(Instant::now() + EOS_TIMEOUT);
+            }
+            if eos_deadline.is_some_and(|d| Instant::now() > d) {
+                tracing::warn!(camera = %self.camera.name, timeout = ?EOS_TIMEOUT, "end-of-stream did not arrive in time; stopping the pipeline");
+                return Ok(());
+            }
+            let Some(msg) = bus.timed_pop(gst::ClockTime::from_nseconds(
+                POLL_INTERVAL.as_nanos() as u64
+            )) else {
+                continue;
+            };
+            match msg.view() {
+                gst::MessageView::Eos(_) => {
+                    tracing::info!(camera = %self.camera.name, "end of stream");
+                    return Ok(());
+                }
+                gst::MessageView::Error(err) => {
+                    let source = err
+                        .src()
+                        .map(|s| s.path_string().to_string())
+                        .unwrap_or_default();
+                    let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
+                    return Err(format!("{source}: {} ({debug})", err.error()));
+                }
+                gst::MessageView::Warning(w) => {
+                    tracing::warn!(camera = %self.camera.name, warning = %w.error(), "pipeline warning")
+                }
+                gst::MessageView::Element(e) => {
+                    if let Some(s) = e.structure().filter(|s| s.name() == "patchflow") {
+                        self.on_frame(s, watch);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Feeds one `patchflow` bus message to the counters, the alarm tracker and MQTT.
+    fn on_frame(&self, s: &gst::StructureRef, watch: &mut Watch) {
+        let score = s.get::<f64>("score").unwrap_or(f64::NAN);
+        let normalized_score = s.get::<f64>("normalized-score").unwrap_or(f64::NAN);
+        let log_score = s.get::<f64>("log-score").unwrap_or(f64::NAN);
+        let is_anomalous = s.get::<bool>("is-anomalous").unwrap_or(false);
+        let frame = s.get::<u64>("frame").unwrap_or(0);
+        self.counters.record_frame(
+            is_anomalous,
+            normalized_score,
+            s.get::<f64>("inference-ms").unwrap_or(0.0),
+        );
+        let scores = Scores {
+            score: score as f32,
+            normalized_score: normalized_score as f32,
+            log_score: log_score as f32,
+        };
+        let alarm = watch.tracker.observe(&ScoredFrame {
+            time: self.clock.start.elapsed(),
+            frame,
+            is_anomalous,
+            scores,
+        });
+        self.publish_alarm(&alarm);
+
+        let Some(output) = self.output else {
+            return;
+        };
+        let Some(interval) = output.score_interval() else {
+            return;
+        };
+        let now = Instant::now();
+        if watch
+            .last_score_message
+            .is_some_and(|last| now.duration_since(last) < interval)
+        {
+            return;
+        }
+        watch.last_score_message = Some(now);
+        let pts = s.get::<u64>("pts").ok().filter(|pts| *pts != u64::MAX);
+        let message = FrameMessage {
+            source: self.camera.name.clone(),
+            frame,
+            pts_ns: pts,
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |t| t.as_millis() as u64),
+            score: scores.score,
+            normalized_score: scores.normalized_score,
+            log_score: scores.log_score,
+            threshold: s.get::<f64>("threshold").unwrap_or(f64::NAN) as f32,
+            threshold_domain: s
+                .get::<&str>("threshold-domain")
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(ScoreDomain::Normalized),
+            is_anomalous,
+            label: if is_anomalous { "anomalous" } else { "normal" }.to_owned(),
+        };
+        output.score(&self.camera.name, &message);
+    }
+
+    /// Ends the active event, if any: at end of stream, on a stop or after an error.
+    fn end_event(&self, watch: &mut Watch) {
+        let output = watch.tracker.finish(self.clock.start.elapsed());
+        self.publish_alarm(&output);
+    }
+
+    fn publish_alarm(&self, alarm: &AlarmOutput) {
+        let camera = &self.camera.name;
+        for event in &alarm.events {
+            match event.kind {
+                EventKind::Start => {
+                    self.counters.events.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(camera = %camera, id = %event.id, "alarm event started");
+                }
+                EventKind::End => {
+                    tracing::info!(camera = %camera, id = %event.id, frames = event.frames, "alarm event ended");
+                }
+                _ => {}
+            }
+            if let Some(output) = self.output {
+                output.event(event);
+            }
+        }
+        if let (Some(state), Some(output)) = (alarm.state_change, self.output) {
+            output.state(camera, state);
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Returns the first error message waiting on the bus, if any.
+fn first_error(pipeline: &gst::Pipeline) -> Option<String> {
+    let bus = pipeline.bus()?;
+    while let Some(msg) = bus.pop() {
+        if let gst::MessageView::Error(err) = msg.view() {
+            return Some(format!(
+                "{} ({})",
+                err.error(),
+                err.debug().map(|d| d.to_string()).unwrap_or_default()
+            ));
+        }
+    }
+    None
+}

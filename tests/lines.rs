@@ -1,0 +1,593 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `patchflow run` with several cameras against a real mosquitto broker: availability and
+//! its Last Will, alarm events, state topics, broker restarts, camera restarts and clean
+//! stops. Frames are crops of the committed textures. A "defect" is a few frames of
+//! another texture amid the normal one.
+//!
+//! `run` needs `libgstpatchflow.so` next to the binary, which
+//! `cargo build --release --workspace` puts there.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use patchflow::checkpoint;
+use patchflow::model::ModelConfig;
+use patchflow::scoring::Scorer;
+use serde_json::Value;
+use support::broker::{Broker, ReceivedMessage, Subscriber};
+use support::fixtures;
+
+fn patchflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchflow"));
+    let registry = std::env::temp_dir().join(format!(
+        "patchflow-lines-registry-{}.bin",
+        std::process::id()
+    ));
+    cmd.env("GST_REGISTRY", registry).env(
+        "RUST_LOG",
+        std::env::var("PATCHFLOW_TEST_LOG").unwrap_or("warn".into()),
+    );
+    cmd
+}
+
+/// Writes an untrained 64x64 model file.
+fn small_model(dir: &Path) -> PathBuf {
+    let cfg = ModelConfig {
+        input_size: [64, 64],
+        ..ModelConfig::lite0()
+    };
+    let (model, meta) = patchflow::train::init_model(&cfg, &fixtures::backbone_path(), 5).unwrap();
+    let path = dir.join("model.safetensors");
+    checkpoint::save(&path, &model, &meta).unwrap();
+    path
+}
+
+/// Returns the `index`-th 96x96 crop of a committed texture.
+fn crop(texture: &str, index: usize) -> image::RgbImage {
+    let img = image::open(fixtures::image(texture)).unwrap().to_rgb8();
+    let x = (index as u32 * 61) % (img.width() - 96);
+    let y = (index as u32 * 89) % (img.height() - 96);
+    image::imageops::crop_imm(&img, x, y, 96, 96).to_image()
+}
+
+/// Writes numbered frames `000.png`... into `dir`: `normal` crops, with `defect` crops at
+/// the frames in `defect_frames`.
+fn write_frames(
+    dir: &Path,
+    count: usize,
+    (normal, defect): (&str, &str),
+    defect_frames: std::ops::Range<usize>,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..count {
+        let texture = if defect_frames.contains(&i) {
+            defect
+        } else {
+            normal
+        };
+        crop(texture, i)
+            .save(dir.join(format!("{i:03}.png")))
+            .unwrap();
+    }
+}
+
+/// Returns a (normal, defect) pair of textures whose crops the model keeps apart, every
+/// defect crop scoring above every normal one, and a log-domain threshold between them.
+/// The alarm test then does not depend on how well a short training run separates them.
+fn separated_textures(model: &Path) -> ((&'static str, &'static str), f64) {
+    let scorer = Scorer::load(model, &candle_core::Device::Cpu).unwrap();
+    let log_score = |texture: &str, i: usize| {
+        let image = crop(texture, i);
+        let chw: Vec<f32> = (0..3)
+            .flat_map(|c| image.pixels().map(move |p| f32::from(p[c]) / 255.0))
+            .collect();
+        scorer.score_chw(&chw, (96, 96)).unwrap().log_score as f64
+    };
+    let textures = [
+        "gravel.png",
+        "grass.png",
+        "brick.png",
+        "coffee.png",
+        "chelsea.png",
+    ];
+    let ranges: Vec<(f64, f64)> = textures
+        .iter()
+        .map(|texture| {
+            let scores: Vec<f64> = (0..30).map(|i| log_score(texture, i)).collect();
+            let min = scores.iter().copied().fold(f64::MAX, f64::min);
+            let max = scores.iter().copied().fold(f64::MIN, f64::max);
+            (min, max)
+        })
+        .collect();
+    for (i, normal) in ranges.iter().enumerate() {
+        for (j, defect) in ranges.iter().enumerate() {
+            if i != j && defect.0 > normal.1 {
+                return ((textures[i], textures[j]), (normal.1 + defect.0) / 2.0);
+            }
+        }
+    }
+    panic!("no two textures are kept apart by the model: {textures:?} {ranges:?}");
+}
+
+/// Waits for the child to exit within `timeout`, killing it otherwise.
+fn wait_exit(child: &mut Child, timeout: Duration, dir: &Path) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!(
+                "patchflow run did not exit within {timeout:?}; log:\n{}",
+                run_log(dir)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Starts `patchflow run CONFIG` with stderr written to `dir/run.log`.
+fn spawn_run(config: &Path, dir: &Path, broker: &Broker) -> Child {
+    let log = std::fs::File::create(dir.join("run.log")).unwrap();
+    patchflow()
+        .arg("run")
+        .arg(config)
+        .env("PATCHFLOW_TEST_BROKER", broker.url())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn run_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
+}
+
+/// Waits until a message with `payload` arrives on `topic`.
+fn wait_for(subscriber: &Subscriber, topic: &str, payload: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        for message in subscriber.collect(1, left) {
+            if message.topic == topic && message.payload == payload {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn mqtt_section(prefix: &str, extra: &str) -> String {
+    format!(
+        "[mqtt]\nurl = \"${{PATCHFLOW_TEST_BROKER}}\"\nprefix = \"{prefix}\"\nkeep_alive = 5\n{extra}\n"
+    )
+}
+
+fn endless_camera(name: &str) -> String {
+    format!(
+        "[[lines.cameras]]\nname = \"{name}\"\nsource = {{ kind = \"test\", num_buffers = 1000000, width = 64, height = 64, framerate = 20 }}\n"
+    )
+}
+
+fn payloads<'a>(messages: &'a [ReceivedMessage], topic: &str) -> Vec<&'a str> {
+    messages
+        .iter()
+        .filter(|m| m.topic == topic)
+        .map(|m| m.payload.as_str())
+        .collect()
+}
+
+/// Trains a 64x64 model on gravel crops with `patchflow train`.
+fn gravel_model(dir: &Path) -> PathBuf {
+    let good = dir.join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    for i in 0..8 {
+        crop("gravel.png", 100 + i)
+            .save(good.join(format!("{i:02}.png")))
+            .unwrap();
+    }
+    let model = dir.join("gravel.safetensors");
+    let out = patchflow()
+        .args(["train", "--images"])
+        .arg(&good)
+        .arg("--backbone")
+        .arg(fixtures::backbone_path())
+        .arg("--output")
+        .arg(&model)
+        .args(["--input-size", "64", "--epochs", "3", "--batch-size", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
+
+#[test]
+fn shared_scorer_loads_once_and_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let device = candle_core::Device::Cpu;
+    let (first, loaded) = Scorer::shared(&model, &device).unwrap();
+    assert!(loaded);
+    let relative = dir.path().join(".").join("model.safetensors");
+    let (second, loaded) = Scorer::shared(&relative, &device).unwrap();
+    assert!(!loaded);
+    assert!(Arc::ptr_eq(&first, &second));
+    let weak = Arc::downgrade(&first);
+    drop(first);
+    drop(second);
+    assert!(weak.upgrade().is_none(), "the cache kept the model alive");
+    let (third, loaded) = Scorer::shared(&model, &device).unwrap();
+    assert!(loaded);
+    assert_eq!(Arc::strong_count(&third), 1);
+}
+
+#[test]
+fn defect_raises_one_event_and_models_are_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = gravel_model(dir.path());
+    let (textures, threshold) = separated_textures(&model);
+    write_frames(&dir.path().join("defect"), 30, textures, 12..17);
+    write_frames(&dir.path().join("normal"), 30, textures, 0..0);
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf1/#");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[defaults.model]
+path = "{}"
+[defaults.scoring]
+threshold = {threshold}
+threshold_domain = "log"
+[defaults.alarm]
+raise_frames = 3
+clear_after = 0.0
+{}
+[[lines]]
+name = "line-a"
+[[lines.cameras]]
+name = "defect"
+source = {{ kind = "images", location = "defect/%03d.png" }}
+[[lines.cameras]]
+name = "normal"
+source = {{ kind = "images", location = "normal" }}
+"#,
+            model.display(),
+            mqtt_section("pf1", "score_max_rate = 1000.0")
+        ),
+    )
+    .unwrap();
+    let out = patchflow()
+        .arg("run")
+        .arg(&config)
+        .env("PATCHFLOW_TEST_BROKER", broker.url())
+        .env("GST_DEBUG", "patchflowscore:4")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "camera defect (line line-a): 30 frames scored, 0 skipped, 5 anomalous, 1 events"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "camera normal (line line-a): 30 frames scored, 0 skipped, 0 anomalous, 0 events"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("Loaded model").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("Reusing model").count(), 1, "{stderr}");
+
+    let messages = subscriber.collect_for(Duration::from_secs(2));
+    let events: Vec<Value> = payloads(&messages, "pf1/events")
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0]["type"], "start");
+    assert_eq!(events[1]["type"], "end");
+    assert_eq!(events[0]["id"], events[1]["id"]);
+    assert_eq!(events[1]["camera"], "defect");
+    // The five defect frames and the quiet frame that ends the event (clear_after = 0).
+    assert_eq!(events[1]["frames"], 6);
+    assert_eq!(
+        events[1]["peak_frame"]
+            .as_u64()
+            .map(|f| (12..17).contains(&f)),
+        Some(true)
+    );
+    assert_eq!(
+        payloads(&messages, "pf1/defect/state"),
+        ["ok", "anomalous", "ok"]
+    );
+    assert_eq!(payloads(&messages, "pf1/normal/state"), ["ok"]);
+    assert_eq!(payloads(&messages, "pf1/defect/score").len(), 30);
+    let available = payloads(&messages, "pf1/available");
+    assert_eq!(available.first(), Some(&"online"));
+    assert_eq!(available.last(), Some(&"offline"));
+}
+
+#[test]
+fn kill_publishes_last_will() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf2/available");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[defaults.model]\npath = \"{}\"\n{}[[lines]]\nname = \"l\"\n{}",
+            model.display(),
+            mqtt_section("pf2", ""),
+            endless_camera("cam")
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    assert!(
+        wait_for(
+            &subscriber,
+            "pf2/available",
+            "online",
+            Duration::from_secs(60)
+        ),
+        "{}",
+        run_log(dir.path())
+    );
+    // A subscriber that connects later gets the retained value.
+    let late = Subscriber::start(broker.port, "pf2/available");
+    assert_eq!(
+        late.collect(1, Duration::from_secs(5))
+            .first()
+            .map(|m| m.payload.clone()),
+        Some("online".to_owned())
+    );
+
+    signal(&child, "-KILL");
+    wait_exit(&mut child, Duration::from_secs(10), dir.path());
+    assert!(
+        wait_for(
+            &subscriber,
+            "pf2/available",
+            "offline",
+            Duration::from_secs(15)
+        ),
+        "no Last Will after kill -9"
+    );
+    let after = Subscriber::start(broker.port, "pf2/available");
+    assert_eq!(
+        after
+            .collect(1, Duration::from_secs(5))
+            .first()
+            .map(|m| m.payload.clone()),
+        Some("offline".to_owned()),
+        "the Last Will is not retained"
+    );
+}
+
+#[test]
+fn sigterm_publishes_offline_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf3/#");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[defaults.model]\npath = \"{}\"\n{}[[lines]]\nname = \"l\"\n{}{}",
+            model.display(),
+            mqtt_section("pf3", ""),
+            endless_camera("cam-a"),
+            endless_camera("cam-b")
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    assert!(
+        wait_for_topic(&subscriber, "pf3/cam-b/score", Duration::from_secs(60)),
+        "{}",
+        run_log(dir.path())
+    );
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("camera cam-a (line l)"), "{log}");
+    assert!(
+        wait_for(
+            &subscriber,
+            "pf3/available",
+            "offline",
+            Duration::from_secs(5)
+        ),
+        "{log}"
+    );
+}
+
+/// Waits until any message arrives on `topic`.
+fn wait_for_topic(subscriber: &Subscriber, topic: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if subscriber.collect(1, left).iter().any(|m| m.topic == topic) {
+            return true;
+        }
+    }
+    false
+}
+
+fn score_frames(messages: &[ReceivedMessage], topic: &str) -> Vec<u64> {
+    payloads(messages, topic)
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|v| v["frame"].as_u64())
+        .collect()
+}
+
+#[test]
+fn broker_restart_resumes_publishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let mut broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf4/#");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[defaults.model]\npath = \"{}\"\n{}[[lines]]\nname = \"l\"\n{}",
+            model.display(),
+            mqtt_section("pf4", "score_max_rate = 20.0"),
+            endless_camera("cam")
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    assert!(
+        wait_for_topic(&subscriber, "pf4/cam/score", Duration::from_secs(60)),
+        "{}",
+        run_log(dir.path())
+    );
+    let before = score_frames(
+        &subscriber.collect_for(Duration::from_millis(500)),
+        "pf4/cam/score",
+    );
+    let last_before = before.iter().copied().max().unwrap_or(0);
+
+    broker.stop();
+    drop(subscriber);
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    let resumed = Subscriber::start(broker.port, "pf4/#");
+    // The restarted broker has no retained messages, so `online` comes from the publisher's
+    // reconnect.
+    assert!(
+        wait_for(&resumed, "pf4/available", "online", Duration::from_secs(15)),
+        "{}",
+        run_log(dir.path())
+    );
+    let after = score_frames(
+        &resumed.collect_for(Duration::from_secs(2)),
+        "pf4/cam/score",
+    );
+    assert!(
+        after.iter().any(|frame| *frame > last_before + 20),
+        "no scores of frames after the outage: before {last_before}, after {after:?}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "patchflow run exited");
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{log}");
+    assert!(log.contains("lost connection to MQTT broker"), "{log}");
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("mqtt "))
+        .unwrap_or_default();
+    assert!(!summary.contains(" 0 reconnects"), "{log}");
+}
+
+#[test]
+fn failed_camera_restarts_while_other_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf5/#");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[defaults.model]
+path = "{}"
+[defaults.restart]
+initial_delay = 0.2
+max_delay = 0.4
+{}[[lines]]
+name = "l"
+{}[[lines.cameras]]
+name = "late"
+source = {{ kind = "images", location = "late/%03d.png" }}
+"#,
+            model.display(),
+            mqtt_section("pf5", "score_max_rate = 1000.0"),
+            endless_camera("steady")
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    assert!(
+        wait_for_topic(&subscriber, "pf5/steady/score", Duration::from_secs(60)),
+        "{}",
+        run_log(dir.path())
+    );
+    let started = Instant::now();
+    while run_log(dir.path())
+        .matches("camera pipeline failed, restarting")
+        .count()
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no restarts logged: {}",
+            run_log(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The missing frames appear: the camera's next restart plays them.
+    write_frames(
+        &dir.path().join("late"),
+        5,
+        ("gravel.png", "gravel.png"),
+        0..0,
+    );
+    let messages = subscriber.collect_for(Duration::from_secs(1));
+    let mut late = score_frames(&messages, "pf5/late/score");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while late.len() < 5 && Instant::now() < deadline {
+        late.extend(score_frames(
+            &subscriber.collect(1, Duration::from_secs(1)),
+            "pf5/late/score",
+        ));
+    }
+    assert_eq!(late, [0, 1, 2, 3, 4], "{}", run_log(dir.path()));
+    let steady_after = score_frames(
+        &subscriber.collect_for(Duration::from_secs(1)),
+        "pf5/steady/score",
+    );
+    assert!(!steady_after.is_empty(), "the other camera stopped scoring");
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{log}");
+    let late_summary = log
+        .lines()
+        .find(|l| l.starts_with("camera late "))
+        .unwrap_or_default();
+    assert!(late_summary.contains("5 frames scored"), "{log}");
+    assert!(!late_summary.contains(" 0 restarts"), "{log}");
+}
