@@ -80,6 +80,18 @@ impl Activation {
             Activation::LeakyRelu => v.max(LEAKY_SLOPE * v),
         }
     }
+
+    /// Applies the activation in place, with one loop per activation so that each
+    /// loop can be vectorised.
+    pub fn apply_slice(self, values: &mut [f32]) {
+        match self {
+            Activation::None => {}
+            Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+            Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+            Activation::LeakyRelu => values.iter_mut().for_each(|v| *v = v.max(LEAKY_SLOPE * *v)),
+        }
+    }
 }
 
 impl Module for Activation {
@@ -115,8 +127,8 @@ pub struct ConvBn {
 #[derive(Debug, Clone)]
 enum CpuConv {
     Depthwise(cpu::DepthwiseSame),
-    /// 1x1 or full convolution as a matrix product, then a fused bias and activation.
-    Gemm(cpu::BiasActivation),
+    /// 1x1 or full convolution as a matrix product with a fused bias and activation.
+    Gemm(cpu::GemmConv),
 }
 
 impl ConvBn {
@@ -143,8 +155,13 @@ impl ConvBn {
                 activation,
             }))
         } else if groups == 1 {
-            let bias = bias.to_vec1::<f32>()?;
-            Some(CpuConv::Gemm(cpu::BiasActivation { bias, activation }))
+            Some(CpuConv::Gemm(cpu::GemmConv {
+                bias: bias.to_vec1::<f32>()?,
+                kernel,
+                stride,
+                padding: Padding::Same,
+                activation,
+            }))
         } else {
             None
         };
@@ -165,49 +182,25 @@ impl ConvBn {
         self.padding = padding;
         // The depthwise kernel implements "SAME" padding only, so other rules take
         // candle's grouped `conv2d`.
-        if padding != Padding::Same && matches!(self.cpu, Some(CpuConv::Depthwise(_))) {
-            self.cpu = None;
+        match &mut self.cpu {
+            Some(CpuConv::Depthwise(_)) if padding != Padding::Same => self.cpu = None,
+            Some(CpuConv::Gemm(op)) => op.padding = padding,
+            _ => {}
         }
         self
     }
 }
 
 impl ConvBn {
-    /// Runs the convolution without bias or activation through the CPU matrix product.
-    fn gemm(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let out_c = self.weight.dim(0)?;
-        // (B, C*K*K, OH*OW) columns, then (O, C*K*K) x columns.
-        let (cols, oh, ow) = if self.kernel == 1 && self.stride == 1 {
-            (x.reshape((b, c, h * w))?, h, w)
-        } else {
-            let op = cpu::Im2Col {
-                kernel: self.kernel,
-                stride: self.stride,
-                padding: self.padding,
-            };
-            let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
-            let (k, s) = (self.kernel, self.stride);
-            let oh = self.padding.output_size(h, k, s);
-            let ow = self.padding.output_size(w, k, s);
-            (cols, oh, ow)
-        };
-        let w2 = self.weight.reshape((out_c, ()))?;
-        w2.broadcast_matmul(&cols)?.reshape((b, out_c, oh, ow))
-    }
-
     /// `activation(conv(x) + bias + residual)`: the activation follows the addition, as
     /// at the end of a ResNet block. Fused on the CPU.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match &self.cpu {
-            Some(CpuConv::Gemm(op)) => {
-                let bias = cpu::BiasResidual {
-                    bias: op.bias.clone(),
-                    activation: op.activation,
-                };
-                self.gemm(x)?
-                    .apply_op2_no_bwd(&residual.contiguous()?, &bias)
-            }
+            Some(CpuConv::Gemm(op)) => x.contiguous()?.apply_op3_no_bwd(
+                &self.weight.contiguous()?,
+                &residual.contiguous()?,
+                op,
+            ),
             _ => self
                 .activation
                 .forward(&(self.forward_linear(x)? + residual)?),
@@ -237,7 +230,11 @@ impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.cpu {
             Some(CpuConv::Depthwise(op)) => return x.contiguous()?.apply_op1_no_bwd(op),
-            Some(CpuConv::Gemm(op)) => return self.gemm(x)?.apply_op1_no_bwd(op),
+            Some(CpuConv::Gemm(op)) => {
+                return x
+                    .contiguous()?
+                    .apply_op2_no_bwd(&self.weight.contiguous()?, op);
+            }
             None => {}
         }
         self.activation.forward(&self.forward_linear(x)?)
@@ -263,8 +260,11 @@ pub fn conv_same(
         padding: Padding::Same,
         activation,
         cpu: if x.device().is_cpu() && x.dtype() == DType::F32 {
-            Some(CpuConv::Gemm(cpu::BiasActivation {
+            Some(CpuConv::Gemm(cpu::GemmConv {
                 bias: bias.to_vec1::<f32>()?,
+                kernel,
+                stride,
+                padding: Padding::Same,
                 activation,
             }))
         } else {
