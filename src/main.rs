@@ -67,7 +67,7 @@ enum Command {
         output_dir: Option<PathBuf>,
         /// Score above which an image is anomalous, on the scale that --threshold-domain
         /// sets [default: the model's own threshold on that scale].
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f32>,
         /// Scale of --threshold: normalized (0 to 1, the model's threshold is 0.5), raw
         /// (the anomaly map's maximum, -1 to 0) or log (the maximum of 0.5 mean z^2).

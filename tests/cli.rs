@@ -164,6 +164,33 @@ fn predict_rejects_threshold_outside_domain() {
 }
 
 #[test]
+fn predict_takes_negative_raw_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    // Raw scores lie in [-1, 0], so -1 flags every image and a value just below 0
+    // flags none of these.
+    for (threshold, expected) in [("-1", true), ("-0.000001", false)] {
+        let out = run(patchflow()
+            .args([
+                "predict",
+                "--threshold-domain",
+                "raw",
+                "--threshold",
+                threshold,
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg(fixtures::image("brick.png")));
+        assert!(out.status.success(), "--threshold {threshold}");
+        let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            line["is_anomalous"], expected,
+            "--threshold {threshold}: {line}"
+        );
+    }
+}
+
+#[test]
 fn predict_rejects_corrupt_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("broken.safetensors");

@@ -113,8 +113,9 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
-    /// Score above which a frame is anomalous, on the scale of `threshold_domain`.
-    pub threshold: f64,
+    /// Score above which a frame is anomalous, on the scale of `threshold_domain`. When
+    /// left out, the model's own threshold on that scale applies.
+    pub threshold: Option<f64>,
     /// `normalized` (0.5 is the model's threshold), `raw` or `log`.
     pub threshold_domain: String,
     pub overlay: bool,
@@ -127,7 +128,7 @@ pub struct ScoringConfig {
 impl Default for ScoringConfig {
     fn default() -> Self {
         Self {
-            threshold: 0.5,
+            threshold: None,
             threshold_domain: "normalized".into(),
             overlay: true,
             alpha: 0.5,
@@ -892,7 +893,7 @@ impl CameraConfig {
         let s = &self.scoring;
         match s.threshold_domain.parse::<ScoreDomain>() {
             Ok(domain) => {
-                if let Err(e) = Threshold::new(s.threshold as f32, domain) {
+                if let Some(Err(e)) = s.threshold.map(|t| Threshold::new(t as f32, domain)) {
                     p.push(("scoring", "threshold", e));
                 }
             }
@@ -1114,7 +1115,7 @@ source = {{ kind = "test" }}
         ];
         let (scoring, origin) = merge(&levels, "scoring");
         let scoring: ScoringConfig = toml::Value::Table(scoring).try_into().unwrap();
-        assert_eq!(scoring.threshold, 0.7);
+        assert_eq!(scoring.threshold, Some(0.7));
         assert_eq!(scoring.alpha, 0.3);
         assert_eq!(scoring.colormap, "jet");
         assert_eq!(origin["threshold"], "lines[0].cameras[0].scoring");

@@ -184,10 +184,12 @@ pub fn description(camera: &CameraConfig, staged: Option<&StagedImages>) -> Stri
     };
     let s = &camera.scoring;
     let scorer = format!(
-        "patchflowscore name={SCORER_NAME} model={} device={} threshold={} threshold-domain={} overlay={} alpha={} colormap={} scoring-interval={}",
+        "patchflowscore name={SCORER_NAME} model={} device={}{} threshold-domain={} overlay={} alpha={} colormap={} scoring-interval={}",
         quote(&camera.model.path),
         quote(&camera.model.device),
-        s.threshold,
+        s.threshold
+            .map(|t| format!(" threshold={t}"))
+            .unwrap_or_default(),
         s.threshold_domain,
         s.overlay,
         s.alpha,

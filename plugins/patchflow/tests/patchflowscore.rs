@@ -450,11 +450,36 @@ fn log_threshold_decides_on_log_score() {
 }
 
 #[test]
+fn unset_threshold_is_the_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let info = video_info("RGB", 64, 48);
+    // The untrained model's raw threshold is -0.5 and it has no calibrated log
+    // threshold, so its log threshold is -ln(0.5).
+    for (domain, expected) in [
+        ("normalized", 0.5f32),
+        ("raw", -0.5),
+        ("log", std::f32::consts::LN_2),
+    ] {
+        let scorer = Scorer::new(&model, &[("threshold-domain", domain)]);
+        let mut harness = scorer.harness(&info);
+        harness.push_and_pull(pattern_buffer(&info)).unwrap();
+        let report = scorer.next_report();
+        assert_eq!(report.get::<&str>("threshold-domain").unwrap(), domain);
+        assert_eq!(
+            report.get::<f64>("threshold").unwrap(),
+            f64::from(expected),
+            "{domain}"
+        );
+    }
+}
+
+#[test]
 fn out_of_range_threshold_fails_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let model = support::write_model(dir.path(), &support::small_config());
     // 0.5 is a valid normalised or log threshold, but raw scores lie in [-1, 0].
-    let scorer = Scorer::new(&model, &[("threshold-domain", "raw")]);
+    let scorer = Scorer::new(&model, &[("threshold", "0.5"), ("threshold-domain", "raw")]);
 
     let error = scorer.start_error();
     let message = error.message();

@@ -73,6 +73,9 @@ struct Settings {
     model: Option<PathBuf>,
     device: String,
     threshold: f64,
+    /// Whether `threshold` was set; if not, the model's own threshold on the scale of
+    /// `threshold_domain` applies.
+    threshold_set: bool,
     threshold_domain: ScoreDomain,
     overlay: bool,
     alpha: f64,
@@ -90,6 +93,7 @@ impl Default for Settings {
             model: None,
             device: DEFAULT_DEVICE.to_owned(),
             threshold: DEFAULT_THRESHOLD,
+            threshold_set: false,
             threshold_domain: DEFAULT_THRESHOLD_DOMAIN,
             overlay: DEFAULT_OVERLAY,
             alpha: DEFAULT_ALPHA,
@@ -107,6 +111,7 @@ impl Default for Settings {
 #[derive(Debug, Clone, Copy)]
 struct FrameSettings {
     threshold: f64,
+    threshold_set: bool,
     threshold_domain: ScoreDomain,
     overlay: bool,
     alpha: f64,
@@ -115,22 +120,29 @@ struct FrameSettings {
 }
 
 impl Settings {
-    /// Returns the decision rule of the `threshold` and `threshold-domain` properties, or
-    /// why the pair is invalid.
-    fn decision(&self) -> Result<Threshold, String> {
-        Threshold::new(self.threshold as f32, self.threshold_domain.into())
+    /// Checks that a `threshold` that was set lies in the range of `threshold-domain`.
+    fn check_threshold(&self) -> Result<(), String> {
+        if !self.threshold_set {
+            return Ok(());
+        }
+        Threshold::new(self.threshold as f32, self.threshold_domain.into()).map(|_| ())
     }
 }
 
 impl FrameSettings {
-    /// Returns the decision rule for this frame. A pair that is out of range was already
-    /// reported when it was set, and falls back to the model's own threshold on that scale.
+    /// Returns the decision rule for this frame: the `threshold` property when it was set
+    /// and lies in the scale's range, otherwise the model's own threshold on that scale.
+    /// An out-of-range value was already reported when it was set.
     fn decision(&self, scorer: &Scorer) -> Threshold {
         let domain = self.threshold_domain.into();
-        Threshold::new(self.threshold as f32, domain).unwrap_or(Threshold {
+        let own = Threshold {
             value: scorer.meta().stats.threshold(domain),
             domain,
-        })
+        };
+        if !self.threshold_set {
+            return own;
+        }
+        Threshold::new(self.threshold as f32, domain).unwrap_or(own)
     }
 }
 
@@ -138,6 +150,7 @@ impl From<&Settings> for FrameSettings {
     fn from(settings: &Settings) -> Self {
         FrameSettings {
             threshold: settings.threshold,
+            threshold_set: settings.threshold_set,
             threshold_domain: settings.threshold_domain,
             overlay: settings.overlay,
             alpha: settings.alpha,
@@ -239,8 +252,10 @@ impl ObjectImpl for PatchflowScore {
                         "Score above which a frame is anomalous, on the scale that \
                          threshold-domain selects: 0 to 1 for normalized (0.5 is the threshold \
                          that the model was calibrated with), -1 to 0 for raw, 0 and up for \
-                         log. A value outside that range is reported as a warning and the \
-                         model's own threshold on that scale is used instead.",
+                         log. When not set, the model's own threshold on that scale applies. \
+                         A value outside the scale's range stops the element from starting; \
+                         set while playing, it is reported as a warning and the model's own \
+                         threshold is used until it is fixed.",
                     )
                     .minimum(-1.0)
                     .maximum(MAX_THRESHOLD)
@@ -401,6 +416,7 @@ impl ObjectImpl for PatchflowScore {
                     threshold
                 );
                 settings.threshold = threshold;
+                settings.threshold_set = true;
                 self.check_decision(&settings);
             }
             "threshold-domain" => {
@@ -577,7 +593,7 @@ impl BaseTransformImpl for PatchflowScore {
 
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
-        if let Err(err) = settings.decision() {
+        if let Err(err) = settings.check_threshold() {
             return Err(gst::error_msg!(
                 gst::LibraryError::Settings,
                 (
@@ -937,7 +953,7 @@ impl PatchflowScore {
 
     /// Reports a `threshold` outside the range of `threshold-domain` as a bus warning.
     fn check_decision(&self, settings: &Settings) {
-        if let Err(err) = settings.decision() {
+        if let Err(err) = settings.check_threshold() {
             gst::element_imp_warning!(
                 self,
                 gst::LibraryError::Settings,
