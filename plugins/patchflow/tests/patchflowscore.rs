@@ -492,6 +492,68 @@ fn out_of_range_threshold_fails_to_start() {
 }
 
 #[test]
+fn newest_mode_never_waits_for_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let scorer = Scorer::new(&model, &[("scoring-mode", "newest")]);
+    let info = video_info("RGB", 64, 48);
+    let mut harness = scorer.harness(&info);
+
+    // Frames are pushed far faster than the model scores them: each passes on at once,
+    // and the scoring thread takes the newest one whenever it is free.
+    const FRAMES: u64 = 20;
+    for i in 0..FRAMES {
+        let mut buffer = pattern_buffer(&info);
+        buffer
+            .get_mut()
+            .unwrap()
+            .set_pts(gst::ClockTime::from_mseconds(40 * i));
+        let output = harness.push_and_pull(buffer).unwrap();
+        assert_eq!(output.pts(), Some(gst::ClockTime::from_mseconds(40 * i)));
+    }
+
+    // Every frame is either scored (one bus message) or replaced by a newer one before
+    // the scoring thread took it (counted as skipped).
+    let mut scored = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        while let Some(message) = scorer.bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(50),
+            &[gst::MessageType::Element],
+        ) {
+            let structure = message.structure().unwrap();
+            assert_eq!(structure.name(), "patchflow");
+            let frame = structure.get::<u64>("frame").unwrap();
+            let pts = structure.get::<Option<gst::ClockTime>>("pts").unwrap();
+            assert_eq!(pts, Some(gst::ClockTime::from_mseconds(40 * frame)));
+            scored.push(frame);
+        }
+        let skipped = scorer.element.property::<u64>("frames-skipped");
+        if scored.len() as u64 + skipped == FRAMES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} scored and {skipped} skipped of {FRAMES} frames",
+            scored.len()
+        );
+    }
+    assert!(
+        scored.windows(2).all(|pair| pair[0] < pair[1]),
+        "frames scored out of order: {scored:?}"
+    );
+    assert_eq!(
+        scored.last(),
+        Some(&(FRAMES - 1)),
+        "the newest frame was not scored"
+    );
+    assert!(
+        scored.len() < FRAMES as usize,
+        "no frame was skipped although frames came faster than the model: {scored:?}"
+    );
+}
+
+#[test]
 fn missing_model_fails_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing.safetensors");

@@ -6,7 +6,8 @@
 //! results out.
 
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gst::glib;
@@ -19,7 +20,7 @@ use patchflow::imageops::{HeatMap, PackedFrame, PixelLayout, blend_heatmap};
 use patchflow::mqtt::{MqttSettings, Publisher, frame_message};
 use patchflow::scoring::{FrameScore, Scorer, Threshold};
 
-use super::{Colormap, ScoreDomain};
+use super::{Colormap, ScoreDomain, ScoringMode};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -85,6 +86,7 @@ struct Settings {
     mqtt_topic: Option<String>,
     mqtt_qos: u32,
     scoring_interval: u32,
+    scoring_mode: ScoringMode,
 }
 
 impl Default for Settings {
@@ -102,6 +104,7 @@ impl Default for Settings {
             mqtt_topic: None,
             mqtt_qos: DEFAULT_MQTT_QOS,
             scoring_interval: DEFAULT_SCORING_INTERVAL,
+            scoring_mode: ScoringMode::Interval,
         }
     }
 }
@@ -170,6 +173,58 @@ struct State {
     frames_skipped: u64,
     /// Heatmap of the last scored frame, drawn on the frames in between.
     last_heat: Option<HeatMap>,
+    /// The scoring thread of `scoring-mode=newest`.
+    worker: Option<Worker>,
+}
+
+/// A frame copied for the scoring thread.
+struct Job {
+    data: Vec<u8>,
+    width: usize,
+    height: usize,
+    stride: usize,
+    layout: PixelLayout,
+    frame: u64,
+    pts: Option<gst::ClockTime>,
+    settings: FrameSettings,
+}
+
+/// State shared by the streaming thread and the scoring thread in `scoring-mode=newest`.
+#[derive(Default)]
+struct Mailbox {
+    /// The newest frame not yet taken by the scoring thread.
+    pending: Option<Job>,
+    /// Heatmap of the last scored frame.
+    last_heat: Option<HeatMap>,
+    stop: bool,
+}
+
+/// The scoring thread of `scoring-mode=newest` and its mailbox.
+struct Worker {
+    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Leaves `job` for the scoring thread, replacing a frame it has not taken yet.
+    /// Returns whether a frame was replaced, and the last heatmap.
+    fn submit(&self, job: Job) -> (bool, Option<HeatMap>) {
+        let (lock, wake) = &*self.mailbox;
+        let mut mailbox = lock.lock().unwrap();
+        let replaced = mailbox.pending.replace(job).is_some();
+        wake.notify_one();
+        (replaced, mailbox.last_heat.clone())
+    }
+
+    /// Stops the thread after the frame it is scoring, if any.
+    fn stop(mut self) {
+        let (lock, wake) = &*self.mailbox;
+        lock.lock().unwrap().stop = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The running MQTT publisher, from `start()` to `stop()`.
@@ -287,11 +342,26 @@ impl ObjectImpl for PatchflowScore {
                     .default_value(DEFAULT_SCORING_INTERVAL)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("scoring-mode", ScoringMode::Interval)
+                    .nick("Scoring mode")
+                    .blurb(
+                        "interval scores every Nth frame (scoring-interval) on the streaming \
+                         thread, so a scored frame waits for the model. newest scores on a \
+                         worker thread: each frame is copied to it and passes on at once with \
+                         the last heatmap, and the worker always takes the newest frame, so a \
+                         live source is never slowed down. Bus and MQTT messages carry the \
+                         number and timestamp of the frame that was scored. Meant for live \
+                         sources: a file played faster than real time skips most frames, and \
+                         a frame still waiting at the end of the stream is not scored.",
+                    )
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("frames-skipped")
                     .nick("Frames skipped")
                     .blurb(
-                        "Frames passed on without scoring because of scoring-interval, since \
-                         the element started.",
+                        "Frames passed on without scoring because of scoring-interval, or \
+                         replaced by a newer frame before the worker took them in \
+                         scoring-mode=newest, since the element started.",
                     )
                     .read_only()
                     .build(),
@@ -419,6 +489,17 @@ impl ObjectImpl for PatchflowScore {
                 settings.threshold_set = true;
                 self.check_decision(&settings);
             }
+            "scoring-mode" => {
+                let mode = value.get().expect("type checked upstream");
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing scoring-mode from {:?} to {:?}",
+                    settings.scoring_mode,
+                    mode
+                );
+                settings.scoring_mode = mode;
+            }
             "threshold-domain" => {
                 let domain = value.get().expect("type checked upstream");
                 gst::info!(
@@ -519,6 +600,7 @@ impl ObjectImpl for PatchflowScore {
             "threshold" => settings.threshold.to_value(),
             "threshold-domain" => settings.threshold_domain.to_value(),
             "scoring-interval" => settings.scoring_interval.to_value(),
+            "scoring-mode" => settings.scoring_mode.to_value(),
             "frames-skipped" => {
                 drop(settings);
                 let state = self.state.lock().unwrap();
@@ -610,11 +692,16 @@ impl BaseTransformImpl for PatchflowScore {
             Some(self.start_mqtt(&settings)?)
         };
 
+        let worker = match settings.scoring_mode {
+            ScoringMode::Interval => None,
+            ScoringMode::Newest => Some(self.start_worker(scorer.clone())?),
+        };
         *self.state.lock().unwrap() = Some(State {
             scorer,
             frame_count: 0,
             frames_skipped: 0,
             last_heat: None,
+            worker,
         });
         *self.mqtt.lock().unwrap() = mqtt;
         Ok(())
@@ -637,7 +724,13 @@ impl BaseTransformImpl for PatchflowScore {
             mqtt.publisher.shutdown(MQTT_SHUTDOWN_TIMEOUT);
         }
 
-        if let Some(state) = self.state.lock().unwrap().take() {
+        let state = self.state.lock().unwrap().take();
+        if let Some(mut state) = state {
+            // Joined outside the state lock: the worker does not take it, but a frame
+            // it is scoring can take up to one inference.
+            if let Some(worker) = state.worker.take() {
+                worker.stop();
+            }
             gst::info!(
                 CAT,
                 imp = self,
@@ -686,6 +779,43 @@ impl VideoFilterImpl for PatchflowScore {
         };
         let frame_number = state.frame_count;
         state.frame_count += 1;
+
+        if let Some(worker) = &state.worker {
+            let data = frame.plane_data(0).map_err(|err| {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Failed to map frame {} for reading: {}", frame_number, err)
+                );
+                gst::FlowError::Error
+            })?;
+            let job = Job {
+                data: data.to_vec(),
+                width,
+                height,
+                stride,
+                layout,
+                frame: frame_number,
+                pts,
+                settings,
+            };
+            let (replaced, heat) = worker.submit(job);
+            if replaced {
+                state.frames_skipped += 1;
+            }
+            drop(state_guard);
+            if let Some(heat) = heat {
+                self.draw_overlay(
+                    frame,
+                    &settings,
+                    &heat,
+                    frame_number,
+                    (width, height, stride),
+                    layout,
+                )?;
+            }
+            return Ok(gst::FlowSuccess::Ok);
+        }
 
         let interval = u64::from(settings.scoring_interval.max(1));
         if frame_number % interval != 0
@@ -783,6 +913,95 @@ impl VideoFilterImpl for PatchflowScore {
 }
 
 impl PatchflowScore {
+    /// Starts the scoring thread of `scoring-mode=newest`. It scores the newest frame left
+    /// in its mailbox, stores the heatmap for the streaming thread and posts the frame's
+    /// bus and MQTT messages.
+    fn start_worker(&self, scorer: Arc<Scorer>) -> Result<Worker, gst::ErrorMessage> {
+        let mailbox = Arc::new((Mutex::new(Mailbox::default()), Condvar::new()));
+        let shared = mailbox.clone();
+        let element = self.obj().downgrade();
+        let thread = std::thread::Builder::new()
+            .name("patchflowscore".into())
+            .spawn(move || {
+                let (lock, wake) = &*shared;
+                loop {
+                    let job = {
+                        let mut mailbox = lock.lock().unwrap();
+                        while mailbox.pending.is_none() && !mailbox.stop {
+                            mailbox = wake.wait(mailbox).unwrap();
+                        }
+                        if mailbox.stop {
+                            return;
+                        }
+                        mailbox.pending.take().expect("woken with a pending frame")
+                    };
+                    let started = Instant::now();
+                    let result = scorer.score_frame(&PackedFrame {
+                        data: &job.data,
+                        width: job.width,
+                        height: job.height,
+                        stride: job.stride,
+                        layout: job.layout,
+                    });
+                    let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let Some(element) = element.upgrade() else {
+                        return;
+                    };
+                    let imp = element.imp();
+                    match result {
+                        Ok(score) => {
+                            lock.lock().unwrap().last_heat = Some(score.heat.clone());
+                            let threshold = job.settings.decision(&scorer);
+                            imp.report(FrameReport {
+                                frame: job.frame,
+                                pts: job.pts,
+                                is_anomalous: threshold.is_exceeded_by(&score),
+                                scores: score,
+                                threshold,
+                                inference_ms,
+                            });
+                        }
+                        Err(err) => {
+                            gst::element_imp_error!(
+                                imp,
+                                gst::StreamError::Failed,
+                                ("Failed to score frame {}: {}", job.frame, err)
+                            );
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|err| {
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ("Failed to start the scoring thread: {}", err)
+                )
+            })?;
+        Ok(Worker {
+            mailbox,
+            thread: Some(thread),
+        })
+    }
+
+    /// Logs a scored frame and sends its MQTT and bus messages.
+    fn report(&self, report: FrameReport) {
+        gst::log!(
+            CAT,
+            imp = self,
+            "Frame {} (pts {}): score {:.5}, normalised {:.3}, log {:.3}, {}, inference {:.1} ms",
+            report.frame,
+            report.pts.display(),
+            report.scores.score,
+            report.scores.normalized_score,
+            report.scores.log_score,
+            report.label(),
+            report.inference_ms
+        );
+        self.publish_mqtt(&report);
+        self.post_report(&report);
+    }
+
     /// Blends `heat` onto the frame when the overlay is on.
     fn draw_overlay(
         &self,

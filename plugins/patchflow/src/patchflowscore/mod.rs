@@ -66,6 +66,24 @@ pub enum Colormap {
     Hot = 1,
 }
 
+/// How `patchflowscore` chooses the frames it scores.
+#[derive(Debug, Default, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstPatchflowScoringMode")]
+pub enum ScoringMode {
+    #[default]
+    #[enum_value(
+        name = "Interval: score every Nth frame on the streaming thread (scoring-interval)",
+        nick = "interval"
+    )]
+    Interval = 0,
+    #[enum_value(
+        name = "Newest: score on a worker thread, always the newest frame; never blocks the stream",
+        nick = "newest"
+    )]
+    Newest = 1,
+}
+
 /// Score that `patchflowscore` compares with its `threshold` property.
 #[derive(Debug, Default, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
 #[repr(u32)]
