@@ -781,14 +781,7 @@ impl VideoFilterImpl for PatchflowScore {
         state.frame_count += 1;
 
         if let Some(worker) = &state.worker {
-            let data = frame.plane_data(0).map_err(|err| {
-                gst::element_imp_error!(
-                    self,
-                    gst::StreamError::Failed,
-                    ("Failed to map frame {} for reading: {}", frame_number, err)
-                );
-                gst::FlowError::Error
-            })?;
+            let data = self.plane_data(frame, frame_number)?;
             let job = Job {
                 data: data.to_vec(),
                 width,
@@ -841,14 +834,7 @@ impl VideoFilterImpl for PatchflowScore {
             return Ok(gst::FlowSuccess::Ok);
         }
 
-        let data = frame.plane_data(0).map_err(|err| {
-            gst::element_imp_error!(
-                self,
-                gst::StreamError::Failed,
-                ("Failed to map frame {} for reading: {}", frame_number, err)
-            );
-            gst::FlowError::Error
-        })?;
+        let data = self.plane_data(frame, frame_number)?;
         let started = Instant::now();
         let result = state.scorer.score_frame(&PackedFrame {
             data,
@@ -895,24 +881,32 @@ impl VideoFilterImpl for PatchflowScore {
         gst::log!(
             CAT,
             imp = self,
-            "Frame {} (pts {}): score {:.5}, normalised {:.3}, log {:.3}, {}, inference {:.1} ms, overlay {:.1} ms",
-            report.frame,
-            report.pts.display(),
-            report.scores.score,
-            report.scores.normalized_score,
-            report.scores.log_score,
-            report.label(),
-            report.inference_ms,
+            "Frame {} overlay {:.1} ms",
+            frame_number,
             overlay_ms
         );
-
-        self.publish_mqtt(&report);
-        self.post_report(&report);
+        self.report(report);
         Ok(gst::FlowSuccess::Ok)
     }
 }
 
 impl PatchflowScore {
+    /// Returns the frame's pixels, or posts an error when they cannot be mapped.
+    fn plane_data<'a>(
+        &self,
+        frame: &'a gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        frame_number: u64,
+    ) -> Result<&'a [u8], gst::FlowError> {
+        frame.plane_data(0).map_err(|err| {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("Failed to map frame {} for reading: {}", frame_number, err)
+            );
+            gst::FlowError::Error
+        })
+    }
+
     /// Starts the scoring thread of `scoring-mode=newest`. It scores the newest frame left
     /// in its mailbox, stores the heatmap for the streaming thread and posts the frame's
     /// bus and MQTT messages.
