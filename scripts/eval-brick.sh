@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT OR Apache-2.0
 # Measures detection quality with pixel-level ground truth. It builds a synthetic
-# defect set from the committed CC0 brick texture (cracks, stains and pasted gravel
-# painted onto held-out crops, with masks; see examples/synthetic_defects.rs), trains
-# the default Lite0 model on the good crops and runs `patchflow eval` on the MVTec-layout
-# test set.
+# defect set from the committed CC0 brick texture: cracks, stains and pasted gravel
+# painted onto held-out crops, with masks (see examples/synthetic_defects.rs). Then it
+# trains the default Lite0 model on the good crops and runs `patchflow eval` on the
+# MVTec-layout test set.
 #
 # Outputs in demo-output/brick/: eval.txt, eval.json, plots/*.png, train.log.
 # Environment: BRICK_EPOCHS (default 10), BRICK_RETRAIN=1 to train again.

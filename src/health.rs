@@ -5,7 +5,7 @@
 //! [`Registry::camera`] once per camera and keeps the returned `Arc`. The pipeline's
 //! streaming thread then updates it with atomic operations, except for two short locks:
 //! one around the frame times behind the fps gauge, and one around the last error text.
-//! The HTTP side holds each of them only for a binary search or a string copy.
+//! The HTTP side keeps each of them only for a binary search or a string copy.
 //!
 //! [`HealthServer`] serves the registry on a loopback address by default
 //! ([`DEFAULT_ADDR`]). It runs one accept thread and one short-lived thread per connection,

@@ -298,7 +298,7 @@ impl Scorer {
     }
 
     /// Returns the model in `path` on `device`, loading it only when no caller in this
-    /// process holds it already, and whether this call loaded it.
+    /// process keeps it already, and whether this call loaded it.
     ///
     /// Models are keyed by canonical path and device. The cache keeps weak references, so
     /// a model is freed when the last `Arc` is dropped and loaded again on the next call.

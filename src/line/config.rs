@@ -5,7 +5,7 @@
 //! `model`, `scoring`, `alarm` and `restart` merge key by key: a camera's value wins over
 //! its line's, which wins over `[defaults]`, which wins over the built-in default. `sink`
 //! is replaced as a whole, because its keys depend on its `kind`. Every problem is
-//! reported with the full path of the key that holds the invalid value, such as
+//! reported with the full path of the key that contains the invalid value, such as
 //! `lines[0].cameras[1].scoring.threshold` or `defaults.alarm.raise_frames`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -727,7 +727,7 @@ fn merge(levels: &[Located<'_>], section: &str) -> (toml::Table, BTreeMap<String
 struct Origins {
     camera_at: String,
     sections: HashMap<&'static str, BTreeMap<String, String>>,
-    /// Where `sink` was written, if anywhere.
+    /// Level at which `sink` was written, if any.
     sink_at: Option<String>,
 }
 

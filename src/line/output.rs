@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! What `patchflow run` publishes over MQTT:
+//! Messages that `patchflow run` publishes over MQTT:
 //!
 //! - `<prefix>/available`: `online` after every connection acknowledgement, `offline` on a
 //!   clean stop and as the Last Will, so it also turns `offline` when the process dies;

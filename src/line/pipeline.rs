@@ -26,7 +26,7 @@ pub(crate) fn quote(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// Whether an images location is a numbered pattern for `multifilesrc` as it stands.
+/// Whether an images location is a numbered pattern that `multifilesrc` reads as written.
 fn is_numbered_pattern(location: &str) -> bool {
     location.contains('%')
 }

@@ -217,7 +217,7 @@ struct CameraRun<'a> {
     clock: Clock,
 }
 
-/// What the bus watch tracks between frames.
+/// State that the bus watch tracks between frames.
 struct Watch {
     tracker: AlarmTracker,
     last_score_message: Option<Instant>,

@@ -66,7 +66,7 @@ pub enum Colormap {
     Hot = 1,
 }
 
-/// How `patchflowscore` chooses the frames it scores.
+/// Rule by which `patchflowscore` picks the frames it scores.
 #[derive(Debug, Default, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstPatchflowScoringMode")]
