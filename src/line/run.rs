@@ -162,6 +162,10 @@ pub fn run(
             }
         }
         let mut announced = false;
+        // NOTE: after SIGTERM with two endless `test`-source cameras, a camera thread has
+        // occasionally never finished (tests/lines.rs, sigterm test), although its bus
+        // watch gives up on end-of-stream after EOS_TIMEOUT. The blocking call is not
+        // yet identified; `set_state(Null)` on that camera's pipeline is the suspect.
         while !handles.iter().all(|h| h.is_finished()) {
             if stop.load(Ordering::SeqCst) && !announced {
                 eprintln!("interrupted: finishing every camera's stream");
