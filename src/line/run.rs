@@ -162,10 +162,6 @@ pub fn run(
             }
         }
         let mut announced = false;
-        // NOTE: after SIGTERM with two endless `test`-source cameras, a camera thread has
-        // occasionally never finished (tests/lines.rs, sigterm test), although its bus
-        // watch gives up on end-of-stream after EOS_TIMEOUT. The blocking call is not
-        // yet identified; `set_state(Null)` on that camera's pipeline is the suspect.
         while !handles.iter().all(|h| h.is_finished()) {
             if stop.load(Ordering::SeqCst) && !announced {
                 eprintln!("interrupted: finishing every camera's stream");
@@ -342,14 +338,18 @@ impl CameraRun<'_> {
     fn watch_bus(&self, pipeline: &gst::Pipeline, watch: &mut Watch) -> Result<(), String> {
         let bus = pipeline.bus().expect("a pipeline has a bus");
         let mut eos_deadline: Option<Instant> = None;
+        let mut eos_sent = false;
         loop {
             if self.stopping() && eos_deadline.is_none() {
-                tracing::info!(camera = %self.camera.name, "stopping: sending end-of-stream");
-                pipeline.send_event(gst::event::Eos::new());
                 eos_deadline = Some(Instant::now() + EOS_TIMEOUT);
             }
+            if eos_deadline.is_some() && !eos_sent && state_settled(pipeline) {
+                tracing::info!(camera = %self.camera.name, "stopping: sending end-of-stream");
+                pipeline.send_event(gst::event::Eos::new());
+                eos_sent = true;
+            }
             if eos_deadline.is_some_and(|d| Instant::now() > d) {
-                tracing::warn!(camera = %self.camera.name, timeout = ?EOS_TIMEOUT, "end-of-stream did not arrive in time; stopping the pipeline");
+                tracing::warn!(camera = %self.camera.name, timeout = ?EOS_TIMEOUT, eos_sent, "end-of-stream did not arrive in time; stopping the pipeline");
                 return Ok(());
             }
             let Some(msg) = bus.timed_pop(gst::ClockTime::from_nseconds(
@@ -480,6 +480,19 @@ fn create_parent(path: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Whether the pipeline has finished its last state change.
+///
+/// `send_event` holds the pipeline's state lock while it hands end-of-stream to the
+/// sources, and a source's streaming thread may hold the source's lock while a sink waits
+/// for PLAYING. If the pipeline is still completing its asynchronous change to PLAYING,
+/// that change needs the state lock, and the three threads wait for each other forever.
+/// Sending end-of-stream only once no change is pending avoids this.
+fn state_settled(pipeline: &gst::Pipeline) -> bool {
+    let (result, _, pending) = pipeline.state(gst::ClockTime::ZERO);
+    result.is_ok_and(|success| success != gst::StateChangeSuccess::Async)
+        && pending == gst::State::VoidPending
 }
 
 /// Returns the first error message waiting on the bus, if any.
