@@ -8,8 +8,8 @@
 # the broker.
 #
 # Outputs in demo-output/: overlay.avi, overlays/*.png, predict.jsonl, eval.txt,
-# eval.json, eval-plots/*.png, mqtt.log (every message the broker delivered),
-# train.log, run.log.
+# eval.json, eval-plots/*.png, snapshots/*.jpg (the frames that raised and peaked each
+# alarm event), mqtt.log (every message the broker delivered), train.log, run.log.
 # Environment: DEMO_EPOCHS (default 10), DEMO_RETRAIN=1 to train again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ pf=./target/release/patchflow
 demo=data/demo
 out=demo-output
 mkdir -p "$out"
-rm -rf "$out/overlays" "$out/eval-plots" "$out/overlay.avi" "$out/mqtt.log"
+rm -rf "$out/overlays" "$out/eval-plots" "$out/overlay.avi" "$out/mqtt.log" "$out/snapshots"
 
 if [ ! -d "$demo/video" ]; then
   python3 scripts/prepare_elpv.py --wheel "$elpv_wheel" --out "$demo" --type mono \
@@ -77,5 +77,6 @@ echo "demo done:"
 sed 's/^/  /' "$out/eval.txt"
 echo "  $out/overlay.avi: $(du -h "$out/overlay.avi" | cut -f1) of video with the heatmap overlay"
 echo "  $out/overlays/: $(ls "$out/overlays" | wc -l) overlay PNGs of test cells"
+echo "  $out/snapshots/: $(ls "$out/snapshots" | wc -l) JPEG snapshots of alarm events"
 echo "  $out/mqtt.log: $frames score messages ($anomalous anomalous) and $events event messages; first score:"
 grep -m1 '/score ' "$out/mqtt.log" | sed 's/^/    /'

@@ -337,6 +337,10 @@ pub struct AlarmEvent {
     pub peak_frame: u64,
     /// Number of frames from the event's first frame to the latest one, both included.
     pub frames: u64,
+    /// Path of the event's latest snapshot file, when snapshots are saved. Left out of
+    /// the JSON when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 impl AlarmEvent {
@@ -456,6 +460,11 @@ impl AlarmTracker {
         } else {
             AlarmState::Ok
         }
+    }
+
+    /// Frame number of the active event's peak frame, if an event is active.
+    pub fn active_peak_frame(&self) -> Option<u64> {
+        self.active.as_ref().map(|event| event.peak.frame)
     }
 
     /// Id of the active event, if any.
@@ -659,6 +668,7 @@ impl AlarmTracker {
             peak_time: self.unix_seconds(event.peak.time),
             peak_frame: event.peak.frame,
             frames: event.frames,
+            snapshot: None,
         }
     }
 }

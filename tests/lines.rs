@@ -18,7 +18,7 @@ use patchflow::checkpoint;
 use patchflow::model::ModelConfig;
 use patchflow::scoring::Scorer;
 use serde_json::Value;
-use support::broker::{Broker, ReceivedMessage, Subscriber};
+use support::broker::{Broker, ReceivedMessage, Subscriber, hex_bytes};
 use support::fixtures;
 
 fn patchflow() -> Command {
@@ -59,20 +59,53 @@ fn crop(texture: &str, index: usize) -> image::RgbImage {
 fn write_frames(
     dir: &Path,
     count: usize,
+    textures: (&str, &str),
+    defect_frames: std::ops::Range<usize>,
+) {
+    let crops: Vec<usize> = defect_frames.clone().collect();
+    write_frames_with(dir, count, textures, defect_frames, &crops);
+}
+
+/// Writes frames as [`write_frames`] does, taking the `k`-th defect frame from crop
+/// `defect_crops[k]`.
+fn write_frames_with(
+    dir: &Path,
+    count: usize,
     (normal, defect): (&str, &str),
     defect_frames: std::ops::Range<usize>,
+    defect_crops: &[usize],
 ) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..count {
-        let texture = if defect_frames.contains(&i) {
-            defect
+        let image = if defect_frames.contains(&i) {
+            crop(defect, defect_crops[i - defect_frames.start])
         } else {
-            normal
+            crop(normal, i)
         };
-        crop(texture, i)
-            .save(dir.join(format!("{i:03}.png")))
-            .unwrap();
+        image.save(dir.join(format!("{i:03}.png"))).unwrap();
     }
+}
+
+/// Scores a crop as the element scores a 96x96 frame and returns its log score.
+fn crop_log_score(scorer: &Scorer, texture: &str, index: usize) -> f64 {
+    let image = crop(texture, index);
+    let chw: Vec<f32> = (0..3)
+        .flat_map(|c| image.pixels().map(move |p| f32::from(p[c]) / 255.0))
+        .collect();
+    scorer.score_chw(&chw, (96, 96)).unwrap().log_score as f64
+}
+
+/// Returns `count` crop indices of `texture` whose log scores rise from one to the next:
+/// the lowest, the highest and evenly spaced ranks in between among 30 crops.
+fn rising_crops(model: &Path, texture: &str, count: usize) -> Vec<usize> {
+    let scorer = Scorer::load(model, &candle_core::Device::Cpu).unwrap();
+    let mut scored: Vec<(f64, usize)> = (0..30)
+        .map(|i| (crop_log_score(&scorer, texture, i), i))
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (0..count)
+        .map(|k| scored[k * (scored.len() - 1) / (count - 1)].1)
+        .collect()
 }
 
 /// Returns a (normal, defect) pair of textures whose crops the model keeps apart, every
@@ -80,13 +113,7 @@ fn write_frames(
 /// The alarm test then does not depend on how well a short training run separates them.
 fn separated_textures(model: &Path) -> ((&'static str, &'static str), f64) {
     let scorer = Scorer::load(model, &candle_core::Device::Cpu).unwrap();
-    let log_score = |texture: &str, i: usize| {
-        let image = crop(texture, i);
-        let chw: Vec<f32> = (0..3)
-            .flat_map(|c| image.pixels().map(move |p| f32::from(p[c]) / 255.0))
-            .collect();
-        scorer.score_chw(&chw, (96, 96)).unwrap().log_score as f64
-    };
+    let log_score = |texture: &str, i: usize| crop_log_score(&scorer, texture, i);
     let textures = [
         "gravel.png",
         "grass.png",
@@ -239,14 +266,17 @@ fn shared_scorer_loads_once_and_frees() {
 }
 
 #[test]
-fn defect_raises_one_event_and_models_are_shared() {
+fn defect_raises_event_with_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let model = gravel_model(dir.path());
     let (textures, threshold) = separated_textures(&model);
-    write_frames(&dir.path().join("defect"), 30, textures, 12..17);
+    // Defect crops in rising score order: the event's peak rises on each of its frames.
+    let rising = rising_crops(&model, textures.1, 5);
+    write_frames_with(&dir.path().join("defect"), 30, textures, 12..17, &rising);
     write_frames(&dir.path().join("normal"), 30, textures, 0..0);
     let broker = Broker::start();
     let subscriber = Subscriber::start(broker.port, "pf1/#");
+    let snapshot_subscriber = Subscriber::start_hex(broker.port, "pf1/+/snapshot");
     let config = dir.path().join("lines.toml");
     std::fs::write(
         &config,
@@ -260,12 +290,17 @@ threshold_domain = "log"
 [defaults.alarm]
 raise_frames = 3
 clear_after = 0.0
+update_interval = 0.0
+[defaults.snapshot]
+folder = "shots"
+publish = true
 {}
 [[lines]]
 name = "line-a"
 [[lines.cameras]]
 name = "defect"
 source = {{ kind = "images", location = "defect/%03d.png" }}
+sink = {{ kind = "frames", folder = "overlaid" }}
 [[lines.cameras]]
 name = "normal"
 source = {{ kind = "images", location = "normal" }}
@@ -286,13 +321,13 @@ source = {{ kind = "images", location = "normal" }}
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains(
-            "camera defect (line line-a): 30 frames scored, 0 skipped, 5 anomalous, 1 events"
+            "camera defect (line line-a): 30 frames scored, 0 skipped, 5 anomalous, 1 events, 4 snapshots"
         ),
         "{stderr}"
     );
     assert!(
         stderr.contains(
-            "camera normal (line line-a): 30 frames scored, 0 skipped, 0 anomalous, 0 events"
+            "camera normal (line line-a): 30 frames scored, 0 skipped, 0 anomalous, 0 events, 0 snapshots"
         ),
         "{stderr}"
     );
@@ -304,19 +339,73 @@ source = {{ kind = "images", location = "normal" }}
         .iter()
         .map(|p| serde_json::from_str(p).unwrap())
         .collect();
-    assert_eq!(events.len(), 2, "{events:#?}");
-    assert_eq!(events[0]["type"], "start");
-    assert_eq!(events[1]["type"], "end");
-    assert_eq!(events[0]["id"], events[1]["id"]);
-    assert_eq!(events[1]["camera"], "defect");
-    // The five defect frames and the quiet frame that ends the event (clear_after = 0).
-    assert_eq!(events[1]["frames"], 6);
-    assert_eq!(
-        events[1]["peak_frame"]
-            .as_u64()
-            .map(|f| (12..17).contains(&f)),
-        Some(true)
+    // Raised on the third defect frame (14), updated as the peak rises on 15 and 16, and
+    // ended by the quiet frame 17 (clear_after = 0).
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["start", "update", "update", "end"], "{events:#?}");
+    assert!(events.iter().all(|e| e["id"] == events[0]["id"]));
+    assert!(events.iter().all(|e| e["camera"] == "defect"));
+    let peaks: Vec<u64> = events
+        .iter()
+        .map(|e| e["peak_frame"].as_u64().unwrap())
+        .collect();
+    assert_eq!(peaks, [14, 15, 16, 16]);
+    let frames: Vec<u64> = events
+        .iter()
+        .map(|e| e["frames"].as_u64().unwrap())
+        .collect();
+    assert_eq!(frames, [3, 4, 5, 6]);
+    let scores: Vec<f64> = events
+        .iter()
+        .map(|e| e["peak_log_score"].as_f64().unwrap())
+        .collect();
+    assert!(scores[0] < scores[1], "{scores:?}");
+    assert!(scores[1] < scores[2], "{scores:?}");
+
+    // Snapshots: the start frame and the peak, rewritten on each new peak, named in the
+    // events and published as JPEG.
+    let id = events[0]["id"].as_str().unwrap();
+    let shots = dir.path().join("shots");
+    let start_file = shots.join(format!("{id}-start.jpg"));
+    let peak_file = shots.join(format!("{id}-peak.jpg"));
+    let peak_path = peak_file.to_string_lossy();
+    assert!(
+        events.iter().all(|e| e["snapshot"] == *peak_path),
+        "{events:#?}"
     );
+    let mut names: Vec<String> = std::fs::read_dir(&shots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [format!("{id}-peak.jpg"), format!("{id}-start.jpg")]);
+    // Each snapshot is the overlaid frame as the sink wrote it, up to JPEG's error.
+    let overlaid = |frame: usize| {
+        image::open(dir.path().join(format!("overlaid/frame-{frame:05}.png")))
+            .unwrap()
+            .to_rgb8()
+    };
+    let peak = image::open(&peak_file).unwrap().to_rgb8();
+    let start = image::open(&start_file).unwrap().to_rgb8();
+    assert_eq!(peak.dimensions(), (96, 96));
+    let peak_error = mean_abs_diff(&peak, &overlaid(16));
+    assert!(peak_error < 3.0, "peak snapshot vs frame 16: {peak_error}");
+    assert!(mean_abs_diff(&peak, &overlaid(15)) > 2.0 * peak_error);
+    let start_error = mean_abs_diff(&start, &overlaid(14));
+    assert!(
+        start_error < 6.0,
+        "start snapshot vs frame 14: {start_error}"
+    );
+    let published: Vec<Vec<u8>> = snapshot_subscriber
+        .collect_for(Duration::from_millis(500))
+        .iter()
+        .filter(|m| m.topic == "pf1/defect/snapshot")
+        .map(|m| hex_bytes(&m.payload))
+        .collect();
+    // One per new peak (frames 14, 15 and 16). The last one is the file on disk.
+    assert_eq!(published.len(), 3);
+    assert_eq!(published.last(), Some(&std::fs::read(&peak_file).unwrap()));
+
     assert_eq!(
         payloads(&messages, "pf1/defect/state"),
         ["ok", "anomalous", "ok"]
@@ -437,6 +526,18 @@ fn wait_for_topic(subscriber: &Subscriber, topic: &str, timeout: Duration) -> bo
         }
     }
     false
+}
+
+/// Mean absolute difference of two images' channel values.
+fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    total as f64 / a.as_raw().len() as f64
 }
 
 fn score_frames(messages: &[ReceivedMessage], topic: &str) -> Vec<u64> {

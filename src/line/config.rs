@@ -46,6 +46,7 @@ pub struct CameraConfig {
     pub alarm: AlarmConfig,
     pub sink: SinkConfig,
     pub restart: RestartConfig,
+    pub snapshot: SnapshotConfig,
 }
 
 /// The video source of a camera.
@@ -157,6 +158,35 @@ impl Default for RestartConfig {
     }
 }
 
+/// Snapshots of alarm events: the overlaid frames that start and peak each event.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Folder for `<event id>-start.jpg` and `<event id>-peak.jpg`. Unset: no files.
+    pub folder: Option<String>,
+    /// JPEG quality, 1 to 100.
+    pub quality: u8,
+    /// Publish each new snapshot on `<prefix>/<camera>/snapshot` (needs `[mqtt]`).
+    pub publish: bool,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            folder: None,
+            quality: 90,
+            publish: false,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// Whether snapshots are taken at all.
+    pub fn enabled(&self) -> bool {
+        self.folder.is_some() || self.publish
+    }
+}
+
 /// The destination of the scored (and overlaid) video.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -234,6 +264,8 @@ pub struct MqttConfig {
     pub events: TopicOptions,
     #[serde(default)]
     pub score: TopicOptions,
+    #[serde(default)]
+    pub snapshot: TopicOptions,
 }
 
 fn default_prefix() -> String {
@@ -265,6 +297,11 @@ impl MqttConfig {
     /// `<prefix>/<camera>/score`: not retained, QoS 0 by default.
     pub fn score(&self) -> Delivery {
         self.score.resolve(0, false)
+    }
+    /// `<prefix>/<camera>/snapshot`: retained, QoS 0 by default, so that a dashboard
+    /// that subscribes later still gets the latest picture.
+    pub fn snapshot(&self) -> Delivery {
+        self.snapshot.resolve(0, true)
     }
 
     /// Returns the client id: the configured one or `patchflow-<prefix>-<process id>`.
@@ -359,6 +396,7 @@ impl MqttConfig {
             ("state", self.state),
             ("events", self.events),
             ("score", self.score),
+            ("snapshot", self.snapshot),
         ] {
             if let Some(qos) = options.qos.filter(|qos| *qos > 2) {
                 p.push(
@@ -446,14 +484,14 @@ fn join(at: &str, key: &str) -> String {
 }
 
 /// Sections merged key by key from the defaults, the line and the camera.
-const MERGED_SECTIONS: [&str; 4] = ["model", "scoring", "alarm", "restart"];
+const MERGED_SECTIONS: [&str; 5] = ["model", "scoring", "alarm", "restart", "snapshot"];
 
-const DEFAULTS_KEYS: [&str; 5] = ["model", "scoring", "alarm", "restart", "sink"];
-const LINE_KEYS: [&str; 7] = [
-    "name", "model", "scoring", "alarm", "restart", "sink", "cameras",
+const DEFAULTS_KEYS: [&str; 6] = ["model", "scoring", "alarm", "restart", "snapshot", "sink"];
+const LINE_KEYS: [&str; 8] = [
+    "name", "model", "scoring", "alarm", "restart", "snapshot", "sink", "cameras",
 ];
-const CAMERA_KEYS: [&str; 7] = [
-    "name", "source", "model", "scoring", "alarm", "restart", "sink",
+const CAMERA_KEYS: [&str; 8] = [
+    "name", "source", "model", "scoring", "alarm", "restart", "snapshot", "sink",
 ];
 
 /// One section (or the camera's whole table) with the path it was read from.
@@ -588,7 +626,10 @@ impl Config {
                 // still checked, so that one run lists every problem.
                 let line_name = line_name.clone().unwrap_or_default();
                 let name = name.unwrap_or_default();
-                if let Some(camera) = build_camera(&line_name, name, &levels, base, &mut p) {
+                let has_mqtt = root.contains_key("mqtt");
+                if let Some(camera) =
+                    build_camera(&line_name, name, &levels, base, has_mqtt, &mut p)
+                {
                     cameras.push(camera);
                 }
             }
@@ -636,6 +677,7 @@ fn check_sections(level: &toml::Table, at: &str, p: &mut Problems) {
     check_merged::<ScoringConfig>(level, at, "scoring", p);
     check_merged::<AlarmConfig>(level, at, "alarm", p);
     check_merged::<RestartConfig>(level, at, "restart", p);
+    check_merged::<SnapshotConfig>(level, at, "snapshot", p);
     if let Some(sink) = level.get("sink") {
         parse_whole::<SinkConfig>(sink, &join(at, "sink"), p);
     }
@@ -754,6 +796,7 @@ fn build_camera(
     name: String,
     levels: &[Located<'_>; 3],
     base: &Path,
+    has_mqtt: bool,
     p: &mut Problems,
 ) -> Option<CameraConfig> {
     let camera_at = levels[2].1.clone();
@@ -773,6 +816,7 @@ fn build_camera(
     let scoring: Option<ScoringConfig> = parse_valid_keys(&merged["scoring"]);
     let alarm: Option<AlarmConfig> = parse_valid_keys(&merged["alarm"]);
     let restart: Option<RestartConfig> = parse_valid_keys(&merged["restart"]);
+    let snapshot: Option<SnapshotConfig> = parse_valid_keys(&merged["snapshot"]);
 
     let mut sink = Some(SinkConfig::None);
     for (level, at) in levels {
@@ -797,9 +841,10 @@ fn build_camera(
         Some(scoring),
         Some(alarm),
         Some(restart),
+        Some(mut snapshot),
         Some(mut sink),
         Some(mut source),
-    ) = (model, scoring, alarm, restart, sink, source)
+    ) = (model, scoring, alarm, restart, snapshot, sink, source)
     else {
         return None;
     };
@@ -816,6 +861,9 @@ fn build_camera(
         }
         _ => {}
     }
+    if let Some(folder) = &mut snapshot.folder {
+        resolve(folder, base);
+    }
     match &mut sink {
         SinkConfig::File { location } => resolve(location, base),
         SinkConfig::Frames { folder } => resolve(folder, base),
@@ -830,8 +878,17 @@ fn build_camera(
         alarm,
         sink,
         restart,
+        snapshot,
     };
-    for (section, key, message) in camera.problems() {
+    let mut problems = camera.problems();
+    if camera.snapshot.publish && !has_mqtt {
+        problems.push((
+            "snapshot",
+            "publish",
+            "needs an [mqtt] section to publish to: add one or set publish = false".into(),
+        ));
+    }
+    for (section, key, message) in problems {
         let field = if section == "source" {
             format!("{camera_at}.source.{key}")
         } else {
@@ -982,6 +1039,22 @@ impl CameraConfig {
                 p.push(("source", "framerate", "must be at least 1".into()))
             }
             _ => {}
+        }
+
+        let snapshot = &self.snapshot;
+        if !(1..=100).contains(&snapshot.quality) {
+            p.push((
+                "snapshot",
+                "quality",
+                format!("{} must be from 1 to 100", snapshot.quality),
+            ));
+        }
+        if snapshot.folder.as_ref().is_some_and(String::is_empty) {
+            p.push((
+                "snapshot",
+                "folder",
+                "must not be empty: remove it to save no snapshot files".into(),
+            ));
         }
 
         if let SinkConfig::File { location } = &self.sink
@@ -1185,6 +1258,41 @@ source = { kind = "test" }
         ] {
             assert_listed(&found, field);
         }
+    }
+
+    #[test]
+    fn snapshot_problems_are_listed() {
+        let found = problems(
+            r#"
+[defaults.snapshot]
+quality = 0
+publish = true
+[[lines]]
+name = "a"
+snapshot = { folder = "" }
+[[lines.cameras]]
+name = "cam"
+source = { kind = "test" }
+snapshot = { jpeg = true }
+"#,
+        );
+        for field in [
+            "defaults.snapshot.quality",
+            "defaults.snapshot.publish",
+            "lines[0].snapshot.folder",
+            "lines[0].cameras[0].snapshot.jpeg",
+        ] {
+            assert_listed(&found, field);
+        }
+    }
+
+    #[test]
+    fn snapshots_are_off_unless_a_folder_or_publish_is_set() {
+        assert!(!SnapshotConfig::default().enabled());
+        let files: SnapshotConfig = toml::from_str("folder = \"shots\"").unwrap();
+        assert!(files.enabled() && !files.publish && files.quality == 90);
+        let published: SnapshotConfig = toml::from_str("publish = true").unwrap();
+        assert!(published.enabled() && published.folder.is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod config;
 mod output;
 mod pipeline;
 mod run;
+mod snapshot;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use anyhow::{Context, Result, bail};
 
 pub use config::{
     CameraConfig, Config, ConfigError, Delivery, ModelSection, MqttConfig, RestartConfig,
-    ScoringConfig, SinkConfig, SourceConfig, TopicOptions, expand_env,
+    ScoringConfig, SinkConfig, SnapshotConfig, SourceConfig, TopicOptions, expand_env,
 };
 pub use output::{OFFLINE, ONLINE};
 pub use pipeline::{SCORER_NAME, description as pipeline_description};
@@ -57,11 +58,12 @@ pub fn run_file(path: &Path) -> Result<ExitCode> {
     let summary = run(&config, |_| {})?;
     for (line, camera, stats) in &summary.cameras {
         eprintln!(
-            "camera {camera} (line {line}): {} frames scored, {} skipped, {} anomalous, {} events, {} restarts, max normalised score {:.3}, mean inference {:.1} ms",
+            "camera {camera} (line {line}): {} frames scored, {} skipped, {} anomalous, {} events, {} snapshots, {} restarts, max normalised score {:.3}, mean inference {:.1} ms",
             stats.frames,
             stats.skipped,
             stats.anomalous,
             stats.events,
+            stats.snapshots,
             stats.restarts,
             stats.max_score,
             stats.mean_inference_ms

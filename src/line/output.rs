@@ -5,7 +5,9 @@
 //!   clean stop and as the Last Will, so it also turns `offline` when the process dies;
 //! - `<prefix>/<camera>/state`: `ok` or `anomalous`, at the camera's start and on change;
 //! - `<prefix>/events`: the alarm tracker's `start`, `update` and `end` messages;
-//! - `<prefix>/<camera>/score`: per-frame scores, at most `score_max_rate` per second.
+//! - `<prefix>/<camera>/score`: per-frame scores, at most `score_max_rate` per second;
+//! - `<prefix>/<camera>/snapshot`: the JPEG of an event's start or new peak, when the
+//!   camera's `snapshot.publish` is on.
 //!
 //! QoS and retain come from the config for each kind of topic.
 
@@ -97,6 +99,12 @@ impl Output {
     pub fn score(&self, camera: &str, message: &FrameMessage) {
         let topic = format!("{}/{camera}/score", self.config.prefix);
         self.send(&topic, message.to_json(), self.config.score());
+    }
+
+    /// Publishes a JPEG snapshot of an event frame.
+    pub fn snapshot(&self, camera: &str, jpeg: Vec<u8>) {
+        let topic = format!("{}/{camera}/snapshot", self.config.prefix);
+        self.send(&topic, jpeg, self.config.snapshot());
     }
 
     /// Minimum time between two score messages of one camera, `None` for no score messages.

@@ -17,6 +17,7 @@ use crate::scoring::ScoreDomain;
 use super::config::{CameraConfig, Config, SinkConfig};
 use super::output::Output;
 use super::pipeline::{self, SCORER_NAME, StagedImages};
+use super::snapshot::Snapshots;
 
 /// Time a stopping pipeline has to deliver end-of-stream, so that files are finalised.
 const EOS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,6 +39,8 @@ pub struct CameraCounters {
     pub events: AtomicU64,
     /// Pipeline restarts after errors.
     pub restarts: AtomicU64,
+    /// Snapshot files written.
+    pub snapshots: AtomicU64,
     /// Whether the camera's pipeline is playing.
     pub running: AtomicBool,
     inference_us: AtomicU64,
@@ -53,6 +56,7 @@ pub struct CameraStats {
     pub skipped: u64,
     pub events: u64,
     pub restarts: u64,
+    pub snapshots: u64,
     pub running: bool,
     pub max_score: f64,
     pub mean_inference_ms: f64,
@@ -68,6 +72,7 @@ impl CameraCounters {
             skipped: self.skipped.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             restarts: self.restarts.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
             running: self.running.load(Ordering::Relaxed),
             max_score: f64::from_bits(self.max_score_bits.load(Ordering::Relaxed)),
             mean_inference_ms: if frames > 0 {
@@ -221,6 +226,10 @@ struct CameraRun<'a> {
 struct Watch {
     tracker: AlarmTracker,
     last_score_message: Option<Instant>,
+    /// Set when the camera takes snapshots.
+    snapshots: Option<Snapshots>,
+    /// Number of the latest scored frame.
+    last_frame: u64,
 }
 
 impl CameraRun<'_> {
@@ -238,9 +247,12 @@ impl CameraRun<'_> {
                 return;
             }
         };
+        let snapshot = &self.camera.snapshot;
         let mut watch = Watch {
             tracker,
             last_score_message: None,
+            snapshots: snapshot.enabled().then(|| Snapshots::new(snapshot.clone())),
+            last_frame: 0,
         };
         if let Some(output) = self.output {
             output.state(camera, watch.tracker.state());
@@ -309,12 +321,21 @@ impl CameraRun<'_> {
                 .map_err(|e| format!("cannot create sink folder {folder}: {e}"))?,
             _ => {}
         }
+        if let Some(folder) = &self.camera.snapshot.folder {
+            std::fs::create_dir_all(folder)
+                .map_err(|e| format!("cannot create snapshot folder {folder}: {e}"))?;
+        }
         let description = pipeline::description(self.camera, staged.as_ref());
         tracing::info!(camera = %camera, line = %self.camera.line, pipeline = %description, "starting camera pipeline");
         let pipeline = gst::parse::launch(&description)
             .map_err(|e| format!("cannot build the pipeline: {e}"))?
             .downcast::<gst::Pipeline>()
             .map_err(|_| "the camera description did not produce a pipeline".to_string())?;
+        if let Some(snapshots) = &mut watch.snapshots
+            && let Some(scorer) = pipeline.by_name(SCORER_NAME)
+        {
+            snapshots.new_tap().attach(&pipeline, &scorer);
+        }
 
         let result = if pipeline.set_state(gst::State::Playing).is_err() {
             Err(format!(
@@ -400,12 +421,14 @@ impl CameraRun<'_> {
             normalized_score: normalized_score as f32,
             log_score: log_score as f32,
         };
-        let alarm = watch.tracker.observe(&ScoredFrame {
+        let mut alarm = watch.tracker.observe(&ScoredFrame {
             time: self.clock.start.elapsed(),
             frame,
             is_anomalous,
             scores,
         });
+        watch.last_frame = frame;
+        self.take_snapshots(watch, &mut alarm, Some(frame));
         self.publish_alarm(&alarm);
 
         let Some(output) = self.output else {
@@ -447,8 +470,36 @@ impl CameraRun<'_> {
 
     /// Ends the active event, if any: at end of stream, on a stop or after an error.
     fn end_event(&self, watch: &mut Watch) {
-        let output = watch.tracker.finish(self.clock.start.elapsed());
+        let mut output = watch.tracker.finish(self.clock.start.elapsed());
+        self.take_snapshots(watch, &mut output, None);
         self.publish_alarm(&output);
+    }
+
+    /// Writes and publishes the snapshots of the events in `alarm` and names them in the
+    /// event messages. `frame` is the frame just scored, `None` after the stream ended.
+    fn take_snapshots(&self, watch: &mut Watch, alarm: &mut AlarmOutput, frame: Option<u64>) {
+        let Some(snapshots) = &mut watch.snapshots else {
+            return;
+        };
+        let peak = watch.tracker.active_peak_frame();
+        let starts = alarm.events.iter().any(|e| e.kind == EventKind::Start);
+        // Wait for the copy of this frame only when it is needed: it starts an event or
+        // is the active event's new peak.
+        let needed = frame.filter(|f| starts || peak == Some(*f));
+        snapshots.collect(needed);
+        if let Some(peak) = peak {
+            snapshots.set_peak(peak);
+        }
+        let written_before = snapshots.written;
+        for event in &mut alarm.events {
+            let published = snapshots.on_event(event, frame.unwrap_or(watch.last_frame));
+            if let (Some(published), Some(output)) = (published, self.output) {
+                output.snapshot(&self.camera.name, published.jpeg);
+            }
+        }
+        self.counters
+            .snapshots
+            .fetch_add(snapshots.written - written_before, Ordering::Relaxed);
     }
 
     fn publish_alarm(&self, alarm: &AlarmOutput) {

@@ -189,13 +189,24 @@ impl Subscriber {
     ///
     /// Panics when that does not happen within [`READY_TIMEOUT`].
     pub fn start(port: u16, topic: &str) -> Subscriber {
+        Self::start_with(port, topic, &["-v"])
+    }
+
+    /// Like [`Subscriber::start`], with each payload printed as lowercase hex, for binary
+    /// payloads such as JPEG snapshots. [`hex_bytes`] decodes it.
+    pub fn start_hex(port: u16, topic: &str) -> Subscriber {
+        Self::start_with(port, topic, &["-F", "%t %x"])
+    }
+
+    fn start_with(port: u16, topic: &str, format: &[&str]) -> Subscriber {
         // stdbuf makes mosquitto_sub flush every line into the pipe, where stdio would
         // otherwise buffer whole blocks. -d prints the SUBACK, after which published
         // messages reach this subscriber.
         let mut child = Command::new("stdbuf")
             .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
             .arg(port.to_string())
-            .args(["-t", topic, "-q", "1", "-v", "-d"])
+            .args(["-t", topic, "-q", "1", "-d"])
+            .args(format)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -258,14 +269,26 @@ impl Drop for Subscriber {
 }
 
 /// Sends each line of `stream` to `line_tx` from a background thread until the stream ends.
+/// Bytes that are not UTF-8, such as a binary payload printed by a text subscriber, are
+/// replaced rather than ending the stream.
 fn forward_lines(stream: impl std::io::Read + Send + 'static, line_tx: mpsc::Sender<String>) {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if line_tx.send(line).is_err() {
+        for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+            if line_tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
                 return;
             }
         }
     });
+}
+
+/// Decodes a payload that [`Subscriber::start_hex`] printed.
+pub fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex digits"))
+        .collect()
 }
 
 /// Parses a `TOPIC PAYLOAD` line, skipping the debug lines that `-d` adds.
