@@ -462,6 +462,24 @@ impl AlarmTracker {
         }
     }
 
+    /// Replaces the settings, keeping the active event and the frames seen so far. With
+    /// fewer `raise_frames` than before, only the newest frames stay in the raise rule's
+    /// window. An invalid config leaves the tracker unchanged.
+    pub fn reconfigure(&mut self, config: &AlarmConfig) -> Result<(), AlarmConfigError> {
+        let settings = config
+            .settings()
+            .map_err(|problems| AlarmConfigError { problems })?;
+        while self.recent.len() > settings.raise_frames {
+            if let Some(oldest) = self.recent.pop_front()
+                && oldest.is_anomalous
+            {
+                self.anomalous_in_recent -= 1;
+            }
+        }
+        self.settings = settings;
+        Ok(())
+    }
+
     /// Frame number of the active event's peak frame, if an event is active.
     pub fn active_peak_frame(&self) -> Option<u64> {
         self.active.as_ref().map(|event| event.peak.frame)
@@ -821,6 +839,48 @@ mod tests {
         assert_eq!(end.peak_frame, 23);
         assert_eq!(end.peak_time, unix(920));
         assert_eq!(end.peak_log_score, 6.0);
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_active_event() {
+        let mut h = Harness::new(&config(RaiseRule::Consecutive, 3, 0.5));
+        h.feed("xxx", 40);
+        assert_eq!(h.kinds(), vec![(2, Start)]);
+        // A longer hold applies to the running event: 400 ms of quiet no longer ends it.
+        h.tracker
+            .reconfigure(&config(RaiseRule::Consecutive, 3, 1.0))
+            .unwrap();
+        h.feed("..........", 40);
+        assert_eq!(h.kinds(), vec![(2, Start)]);
+        h.feed(&".".repeat(20), 40);
+        assert_eq!(h.kinds(), vec![(2, Start), (28, End)]);
+        assert_eq!(h.events()[1].id, h.events()[0].id);
+    }
+
+    #[test]
+    fn reconfigure_shrinks_the_raise_window() {
+        let mut h = Harness::new(&config(RaiseRule::Consecutive, 5, 0.5));
+        h.feed(".xx", 40);
+        // Two anomalous frames are already in the window, so a third raises with 3.
+        h.tracker
+            .reconfigure(&config(RaiseRule::Consecutive, 3, 0.5))
+            .unwrap();
+        h.feed("x", 40);
+        assert_eq!(h.kinds(), vec![(3, Start)]);
+        assert_eq!(h.events()[0].frames, 3);
+    }
+
+    #[test]
+    fn reconfigure_rejects_invalid_settings() {
+        let mut h = Harness::new(&config(RaiseRule::Consecutive, 3, 0.5));
+        let error = h
+            .tracker
+            .reconfigure(&config(RaiseRule::Consecutive, 0, 0.5))
+            .unwrap_err();
+        assert_eq!(error.problems[0].field, "raise_frames");
+        // The old settings still apply.
+        h.feed("xxx", 40);
+        assert_eq!(h.kinds(), vec![(2, Start)]);
     }
 
     #[test]
