@@ -798,8 +798,8 @@ impl Worker {
     }
 
     /// Returns the error text, followed by what to check when the TLS handshake failed or
-    /// the broker rejected the client certificate. `connecting` tells whether the error came
-    /// before the connection acknowledgement.
+    /// the broker rejected the client certificate. `connecting` is true for an error before
+    /// the connection acknowledgement.
     fn describe(&self, error: &ConnectionError, connecting: bool) -> String {
         match error {
             ConnectionError::Tls(_) => format!(

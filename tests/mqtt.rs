@@ -577,8 +577,8 @@ fn tls_client_certificate_authenticates() {
     assert_eq!(frame_numbers(&messages, topic), expected);
     publisher.shutdown(Duration::from_secs(2));
 
-    // The same listener turns away a client without a certificate, which shows that it
-    // checks them.
+    // The same listener rejects a client without a certificate, which shows that it checks
+    // them.
     let files = TlsFiles {
         ca_file: Some(pki.ca_file()),
         ..TlsFiles::default()
@@ -603,7 +603,7 @@ fn tls_client_certificate_authenticates() {
     assert!(error.contains("requires a client certificate"), "{error}");
     publisher.shutdown(Duration::from_millis(500));
 
-    // A client certificate from a CA that the broker does not trust is turned away too.
+    // A client certificate from a CA that the broker does not trust is rejected too.
     let files = TlsFiles {
         ca_file: Some(pki.ca_file()),
         client_cert_file: Some(pki.stranger_cert_file()),
@@ -640,7 +640,7 @@ fn tls_start_rejects_bad_files() {
         Publisher::start(tls_settings(url.clone(), "tls-bad-files", files)).unwrap_err()
     };
 
-    // A key file as CA file holds no certificate.
+    // A key file used as CA file contains no certificate.
     let error = start(TlsFiles {
         ca_file: Some(pki.client_key_file()),
         ..TlsFiles::default()

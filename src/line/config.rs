@@ -309,7 +309,8 @@ impl MqttConfig {
         Ok(None)
     }
 
-    /// Returns the TLS files with their paths as written after resolving.
+    /// Returns the TLS files. `Config::parse` has resolved relative paths against the config
+    /// file's folder.
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles {
             ca_file: self.ca_file.as_ref().map(PathBuf::from),

@@ -28,7 +28,7 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Whether any file is set.
+    /// Returns true when no file is set.
     pub fn is_empty(&self) -> bool {
         self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
     }
@@ -55,8 +55,8 @@ impl fmt::Display for TlsFileKind {
 const PEM_BEGIN: &str = "-----BEGIN ";
 const PKCS8_KEY_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
 
-/// Reads every certificate of a PEM CA file. Fails when the file cannot be read or holds no
-/// valid certificate.
+/// Reads every certificate of a PEM CA file. Fails when the file cannot be read or contains
+/// no valid certificate.
 pub fn read_ca_file(path: &Path) -> Result<Vec<Certificate>, MqttError> {
     read_certificates(path, TlsFileKind::CaFile)
 }
@@ -67,7 +67,7 @@ pub fn read_client_identity(cert_file: &Path, key_file: &Path) -> Result<Identit
     let certificates = std::fs::read(cert_file)
         .map_err(|error| file_error(TlsFileKind::ClientCertFile, cert_file, read_reason(&error)))?;
     // Parsing the chain on its own first blames the right file when it is broken.
-    read_certificates(cert_file, TlsFileKind::ClientCertFile)?;
+    parse_certificates(&certificates, cert_file, TlsFileKind::ClientCertFile)?;
 
     let key = std::fs::read(key_file)
         .map_err(|error| file_error(TlsFileKind::ClientKeyFile, key_file, read_reason(&error)))?;
@@ -159,8 +159,8 @@ const CLOSED_BY_PEER: [&str; 3] = [
 ];
 
 /// Returns an operator's hint when `error` shows that the broker rejected the client
-/// certificate, or its absence. `connecting` tells whether the error came before the
-/// broker acknowledged the connection.
+/// certificate, or its absence. `connecting` is true for an error before the broker
+/// acknowledged the connection.
 pub(super) fn client_certificate_hint(
     files: &TlsFiles,
     error: &str,
@@ -182,13 +182,14 @@ pub(super) fn client_certificate_hint(
                          and key files"
             .to_owned(),
         (Some(cert_file), false) if closed => format!(
-            "the broker closed the TLS connection before accepting it, which happens when it \
-             rejects the client certificate {}: check that a CA that the broker trusts \
-             signed it",
+            "the broker closed the TLS connection before acknowledging the MQTT connection, \
+             which happens when it rejects the client certificate {}: check that a CA that \
+             the broker trusts signed it",
             cert_file.display()
         ),
-        (None, false) if closed => "the broker closed the TLS connection before accepting it, \
-                                    which happens when it requires a client certificate"
+        (None, false) if closed => "the broker closed the TLS connection before acknowledging \
+                                    the MQTT connection, which happens when it requires a \
+                                    client certificate"
             .to_owned(),
         _ => return None,
     };
@@ -197,9 +198,17 @@ pub(super) fn client_certificate_hint(
 
 fn read_certificates(path: &Path, kind: TlsFileKind) -> Result<Vec<Certificate>, MqttError> {
     let pem = std::fs::read(path).map_err(|error| file_error(kind, path, read_reason(&error)))?;
-    // OpenSSL skips text around PEM blocks and stops at the first block that is not a
-    // certificate, so a file without a certificate block parses as an empty list.
-    let certificates = Certificate::stack_from_pem(&pem)
+    parse_certificates(&pem, path, kind)
+}
+
+fn parse_certificates(
+    pem: &[u8],
+    path: &Path,
+    kind: TlsFileKind,
+) -> Result<Vec<Certificate>, MqttError> {
+    // OpenSSL skips text and PEM blocks of other types, such as keys, so a file without a
+    // certificate block parses as an empty list.
+    let certificates = Certificate::stack_from_pem(pem)
         .map_err(|error| file_error(kind, path, format!("not valid PEM certificates ({error})")))?;
     if certificates.is_empty() {
         return Err(file_error(

@@ -816,7 +816,7 @@ fn mqtt_tls_messages_arrive() {
 }
 
 #[test]
-fn mqtt_tls_wrong_ca_warns_and_does_not_block() {
+fn mqtt_tls_wrong_ca_warns() {
     let dir = tempfile::tempdir().unwrap();
     let model = support::write_model(dir.path(), &support::small_config());
     let pki = Pki::generate();
