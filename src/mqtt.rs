@@ -9,7 +9,8 @@
 //! from the queue into `rumqttc` only while the broker is connected. The queue therefore holds
 //! what arrives during an outage, and messages beyond its capacity are dropped and counted.
 //!
-//! Only plain TCP (`mqtt://HOST[:PORT]`) and MQTT 3.1.1 are supported, with a clean session.
+//! The broker is reached over plain TCP (`mqtt://HOST[:PORT]`) or TLS (`mqtts://HOST[:PORT]`,
+//! see [`TlsFiles`]) with MQTT 3.1.1 and a clean session.
 //! [`Publisher::publish`] sends at the settings' QoS without the retain flag, and
 //! [`Publisher::publish_with`] chooses both per message. [`MqttSettings::last_will`] registers
 //! a Last Will with the broker, [`MqttSettings::birth`] is published first after every
@@ -21,14 +22,15 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::Ipv6Addr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
-    Outgoing, Publish, QoS, Request,
+    Outgoing, Publish, QoS, Request, TlsConfiguration, Transport,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -36,8 +38,15 @@ use tokio::sync::{mpsc, oneshot};
 use crate::scoring::{FrameScore, ScoreDomain, Threshold};
 use tokio::time::{Instant, sleep_until};
 
+mod tls;
+
+pub use tls::{TlsFileKind, TlsFiles, read_ca_file, read_client_identity};
+
 /// Port used when an `mqtt://` URL names none.
 pub const DEFAULT_PORT: u16 = 1883;
+
+/// Port used when an `mqtts://` URL names none.
+pub const DEFAULT_TLS_PORT: u16 = 8883;
 
 /// Maximum size of one encoded PUBLISH packet (fixed header, topic and payload), in bytes.
 /// Larger messages are rejected by [`Publisher::publish`], because `rumqttc` fails the whole
@@ -76,10 +85,36 @@ const MAX_INFLIGHT: u16 = 20;
 /// Errors from [`Publisher::start`].
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT]")]
+    #[error("invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")]
     InvalidUrl { url: String },
-    #[error("unsupported MQTT URL {url:?}: TLS is not supported yet, use mqtt://HOST[:PORT]")]
-    TlsNotSupported { url: String },
+    #[error(
+        "unsupported MQTT URL {url:?}: TLS cannot verify a certificate for a bracketed IPv6 \
+         address, use a host name that resolves to it"
+    )]
+    TlsIpv6Literal { url: String },
+    #[error(
+        "MQTT TLS files are set but {url:?} is not a TLS URL: use mqtts://HOST[:PORT] or \
+         remove the CA file and client certificate"
+    )]
+    TlsFilesWithoutTls { url: String },
+    #[error("invalid MQTT {kind} {}: {reason}", path.display())]
+    TlsFile {
+        kind: TlsFileKind,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "missing MQTT client key file: the client certificate {} needs its private key",
+        cert_file.display()
+    )]
+    MissingClientKey { cert_file: PathBuf },
+    #[error(
+        "missing MQTT client certificate file: the client key {} needs its certificate",
+        key_file.display()
+    )]
+    MissingClientCert { key_file: PathBuf },
+    #[error("failed to set up TLS for MQTT: {0}")]
+    TlsSetup(#[source] rumqttc::tokio_native_tls::native_tls::Error),
     #[error("invalid MQTT QoS {0}: expected 0, 1 or 2")]
     InvalidQos(u8),
     #[error("invalid MQTT queue capacity 0: expected at least 1 message")]
@@ -97,8 +132,9 @@ pub enum MqttError {
 /// Configuration of a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttSettings {
-    /// Broker URL of the form `mqtt://HOST[:PORT]`, where PORT defaults to [`DEFAULT_PORT`].
-    /// An IPv6 host is written in brackets: `mqtt://[::1]:1883`.
+    /// Broker URL of the form `mqtt://HOST[:PORT]`, where PORT defaults to [`DEFAULT_PORT`],
+    /// or `mqtts://HOST[:PORT]` for TLS, where PORT defaults to [`DEFAULT_TLS_PORT`]. An IPv6
+    /// host is written in brackets, `mqtt://[::1]:1883`, and works only without TLS.
     pub url: String,
     /// MQTT client identifier. The broker disconnects an older client with the same id.
     pub client_id: String,
@@ -115,6 +151,8 @@ pub struct MqttSettings {
     pub birth: Option<MqttMessage>,
     /// User name and password sent in CONNECT.
     pub credentials: Option<Credentials>,
+    /// CA file and client certificate for an `mqtts://` URL. Must be empty for `mqtt://`.
+    pub tls: TlsFiles,
 }
 
 /// A complete MQTT message: topic, payload, QoS and retain flag.
@@ -156,6 +194,7 @@ impl Default for MqttSettings {
             last_will: None,
             birth: None,
             credentials: None,
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -212,6 +251,14 @@ impl Publisher {
         };
 
         let mut options = MqttOptions::new(settings.client_id, broker.host.clone(), broker.port);
+        if broker.tls {
+            let connector = tls::connector(&settings.tls)?;
+            options.set_transport(Transport::tls_with_config(
+                TlsConfiguration::NativeConnector(connector),
+            ));
+        } else if !settings.tls.is_empty() {
+            return Err(MqttError::TlsFilesWithoutTls { url: settings.url });
+        }
         options.set_keep_alive(keep_alive);
         if let Some(will) = settings.last_will {
             let will = Message::from_settings(will, "Last Will")?;
@@ -246,6 +293,7 @@ impl Publisher {
             backlog: VecDeque::new(),
             counters: Arc::clone(&counters),
             broker: broker.clone(),
+            tls_files: settings.tls,
             birth,
             in_flight: 0,
             client_full: false,
@@ -320,6 +368,16 @@ impl Publisher {
         }
     }
 
+    /// Returns the reason why the latest connection attempt failed or the connection was
+    /// lost, with a hint for TLS failures. `None` while connected and before the first failure.
+    pub fn last_error(&self) -> Option<String> {
+        self.counters
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Returns the current counters.
     pub fn stats(&self) -> PublisherStats {
         PublisherStats {
@@ -391,6 +449,17 @@ struct Counters {
     dropped: AtomicU64,
     connected: AtomicBool,
     reconnect_attempts: AtomicU64,
+    /// See [`Publisher::last_error`].
+    last_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn set_last_error(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -435,12 +504,19 @@ pub fn validate_url(url: &str) -> Result<(), MqttError> {
     BrokerAddress::parse(url).map(|_| ())
 }
 
-/// Broker host and port parsed from an `mqtt://` URL.
+/// Checks `url` like [`validate_url`] and returns whether it is an `mqtts://` URL.
+pub fn is_tls_url(url: &str) -> Result<bool, MqttError> {
+    BrokerAddress::parse(url).map(|broker| broker.tls)
+}
+
+/// Broker host and port parsed from an `mqtt://` or `mqtts://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct BrokerAddress {
     /// Host name or IP address as `rumqttc` expects it, with brackets around IPv6 addresses.
     host: String,
     port: u16,
+    /// Whether the URL is `mqtts://`.
+    tls: bool,
 }
 
 impl BrokerAddress {
@@ -450,15 +526,11 @@ impl BrokerAddress {
         };
 
         let (scheme, rest) = url.split_once("://").ok_or_else(invalid)?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "mqtt" => {}
-            "mqtts" | "ssl" | "wss" => {
-                return Err(MqttError::TlsNotSupported {
-                    url: url.to_owned(),
-                });
-            }
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "mqtt" => false,
+            "mqtts" => true,
             _ => return Err(invalid()),
-        }
+        };
 
         // Paths, queries, fragments and user names have no meaning here, so reject them
         // instead of silently ignoring them.
@@ -473,6 +545,13 @@ impl BrokerAddress {
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             let (address, tail) = bracketed.split_once(']').ok_or_else(invalid)?;
             address.parse::<Ipv6Addr>().map_err(|_| invalid())?;
+            // `rumqttc` hands the host with its brackets to the TLS library as the name to
+            // verify, and OpenSSL matches that against DNS names, never against IP addresses.
+            if tls {
+                return Err(MqttError::TlsIpv6Literal {
+                    url: url.to_owned(),
+                });
+            }
             let port = match tail {
                 "" => None,
                 _ => Some(tail.strip_prefix(':').ok_or_else(invalid)?),
@@ -489,19 +568,21 @@ impl BrokerAddress {
         }
 
         let port = match port {
+            None if tls => DEFAULT_TLS_PORT,
             None => DEFAULT_PORT,
             Some(port) => match port.parse::<u16>() {
                 Ok(port) if port != 0 => port,
                 _ => return Err(invalid()),
             },
         };
-        Ok(BrokerAddress { host, port })
+        Ok(BrokerAddress { host, port, tls })
     }
 }
 
 impl fmt::Display for BrokerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -545,6 +626,8 @@ struct Worker {
     backlog: VecDeque<Message>,
     counters: Arc<Counters>,
     broker: BrokerAddress,
+    /// Named in the hint that follows a failed TLS handshake.
+    tls_files: TlsFiles,
     /// Message put at the front of the backlog on every connection acknowledgement.
     birth: Option<Message>,
     /// Publishes handed to `rumqttc` and not yet written (QoS 0) or acknowledged (QoS 1, 2).
@@ -646,6 +729,7 @@ impl Worker {
         match event {
             Event::Incoming(Incoming::ConnAck(_)) => {
                 self.counters.connected.store(true, Ordering::Relaxed);
+                self.counters.set_last_error(None);
                 tracing::info!(
                     broker = %self.broker,
                     failed_attempts = self.consecutive_failures,
@@ -689,6 +773,8 @@ impl Worker {
         self.retry_at = Some(Instant::now() + retry_in);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
 
+        let error = self.describe(error, !was_connected);
+        self.counters.set_last_error(Some(error.clone()));
         let broker = &self.broker;
         let failures = self.consecutive_failures;
         if was_connected {
@@ -708,6 +794,26 @@ impl Worker {
             );
         } else {
             tracing::debug!(%broker, %error, failures, "failed to connect to MQTT broker");
+        }
+    }
+
+    /// Returns the error text, followed by what to check when the TLS handshake failed or
+    /// the broker rejected the client certificate. `connecting` is true for an error before
+    /// the connection acknowledgement.
+    fn describe(&self, error: &ConnectionError, connecting: bool) -> String {
+        match error {
+            ConnectionError::Tls(_) => format!(
+                "TLS handshake with {} failed: {error}; {}",
+                self.broker,
+                tls::handshake_hint(&self.tls_files, &self.broker.host)
+            ),
+            _ => {
+                let text = error.to_string();
+                match tls::client_certificate_hint(&self.tls_files, &text, connecting) {
+                    Some(hint) if self.broker.tls => format!("{text}; {hint}"),
+                    _ => text,
+                }
+            }
         }
     }
 
@@ -887,6 +993,15 @@ mod tests {
         BrokerAddress {
             host: host.to_owned(),
             port,
+            tls: false,
+        }
+    }
+
+    fn tls_address(host: &str, port: u16) -> BrokerAddress {
+        BrokerAddress {
+            host: host.to_owned(),
+            port,
+            tls: true,
         }
     }
 
@@ -901,6 +1016,8 @@ mod tests {
             ),
             ("mqtt://[::1]", address("[::1]", 1883)),
             ("mqtt://[::1]:1885", address("[::1]", 1885)),
+            ("mqtts://localhost", tls_address("localhost", 8883)),
+            ("MQTTS://10.0.0.2:9883/", tls_address("10.0.0.2", 9883)),
         ];
         for (url, expected) in cases {
             let parsed = BrokerAddress::parse(url);
@@ -928,23 +1045,112 @@ mod tests {
             "mqtt://[::1]1883",
             "mqtt://::1:1883",
             "mqtt://my host",
+            "ssl://host",
+            "wss://host",
+            "mqtts://",
+            "mqtts://host:0",
         ];
         for url in cases {
             let error = BrokerAddress::parse(url).unwrap_err();
             assert_eq!(
                 error.to_string(),
-                format!("invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT]"),
+                format!(
+                    "invalid MQTT URL {url:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+                ),
             );
         }
     }
 
     #[test]
-    fn url_with_tls_scheme_is_unsupported() {
-        let error = BrokerAddress::parse("mqtts://broker:8883").unwrap_err();
+    fn tls_url_rejects_ipv6_literal() {
+        for url in ["mqtts://[::1]", "mqtts://[::1]:8883"] {
+            let error = BrokerAddress::parse(url).unwrap_err();
+            assert!(
+                matches!(&error, MqttError::TlsIpv6Literal { url: value } if value == url),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn broker_address_display_keeps_scheme() {
+        assert_eq!(
+            address("127.0.0.1", 1883).to_string(),
+            "mqtt://127.0.0.1:1883"
+        );
+        assert_eq!(
+            tls_address("broker", 8883).to_string(),
+            "mqtts://broker:8883"
+        );
+    }
+
+    #[test]
+    fn start_rejects_tls_files_on_plain_url() {
+        let settings = MqttSettings {
+            tls: TlsFiles {
+                ca_file: Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
+                ..TlsFiles::default()
+            },
+            ..MqttSettings::default()
+        };
+        let error = Publisher::start(settings).unwrap_err();
         assert!(
-            matches!(error, MqttError::TlsNotSupported { .. }),
+            matches!(error, MqttError::TlsFilesWithoutTls { .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn start_rejects_client_cert_without_key() {
+        let cases = [
+            (
+                TlsFiles {
+                    client_cert_file: Some(PathBuf::from("client.pem")),
+                    ..TlsFiles::default()
+                },
+                "missing MQTT client key file: the client certificate client.pem needs its private key",
+            ),
+            (
+                TlsFiles {
+                    client_key_file: Some(PathBuf::from("client.key")),
+                    ..TlsFiles::default()
+                },
+                "missing MQTT client certificate file: the client key client.key needs its certificate",
+            ),
+        ];
+        for (tls, expected) in cases {
+            let settings = MqttSettings {
+                url: "mqtts://127.0.0.1:9".to_owned(),
+                tls,
+                ..MqttSettings::default()
+            };
+            let error = Publisher::start(settings).unwrap_err();
+            assert_eq!(error.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn start_rejects_missing_ca_file() {
+        let settings = MqttSettings {
+            url: "mqtts://127.0.0.1:9".to_owned(),
+            tls: TlsFiles {
+                ca_file: Some(PathBuf::from("/nonexistent/ca.pem")),
+                ..TlsFiles::default()
+            },
+            ..MqttSettings::default()
+        };
+        let error = Publisher::start(settings).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                MqttError::TlsFile {
+                    kind: TlsFileKind::CaFile,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("/nonexistent/ca.pem"), "{error}");
     }
 
     #[test]

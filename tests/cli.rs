@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use patchflow::checkpoint;
 use patchflow::model::ModelConfig;
 use serde_json::Value;
-use support::broker::{Broker, Subscriber};
+use support::broker::{Broker, Subscriber, TlsListener};
 use support::fixtures;
+use support::pki::Pki;
 
 fn patchflow() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchflow"));
@@ -259,6 +260,152 @@ score_max_rate = 1000.0
     let first: Value = serde_json::from_str(&messages[0].payload).unwrap();
     assert_eq!(first["frame"], 0);
     assert_eq!(first["source"], "cli-test");
+}
+
+#[test]
+fn run_line_over_tls_with_client_certificate() {
+    plugin_next_to_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(TlsListener {
+        ca_file: pki.ca_file(),
+        cert_file: pki.server_cert_file(),
+        key_file: pki.server_key_file(),
+        require_certificate: true,
+    });
+    let subscriber = Subscriber::start(broker.port, "patchflow/tls-test/score");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[mqtt]
+url = "${{PATCHFLOW_TEST_BROKER}}"
+ca_file = "{}"
+client_cert_file = "{}"
+client_key_file = "{}"
+score_max_rate = 1000.0
+{}"#,
+            pki.ca_file().display(),
+            pki.client_cert_file().display(),
+            pki.client_key_file().display(),
+            one_camera(
+                "tls-test",
+                &model,
+                r#"{ kind = "test", num_buffers = 8, width = 80, height = 60 }"#,
+                "",
+            )
+        ),
+    );
+    let url = broker.tls_url("localhost");
+
+    let out = run(patchflow()
+        .args(["config", "check"])
+        .arg(&config)
+        .env("PATCHFLOW_TEST_BROKER", &url));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run(patchflow()
+        .arg("run")
+        .arg(&config)
+        .env("PATCHFLOW_TEST_BROKER", &url));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("mqtt {url}:")), "{stderr}");
+    assert!(stderr.contains("0 dropped, 0 still queued"), "{stderr}");
+    let messages = subscriber.collect(8, Duration::from_secs(10));
+    let frames: Vec<u64> = messages
+        .iter()
+        .map(|message| {
+            let json: Value = serde_json::from_str(&message.payload).unwrap();
+            json["frame"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(frames, (0..8).collect::<Vec<u64>>());
+}
+
+#[test]
+fn config_check_reports_tls_file_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate();
+    // The same EC key in the traditional SEC1 form, which native-tls does not read.
+    let sec1_key = dir.path().join("client-sec1.key");
+    let out = run(Command::new("openssl")
+        .args(["pkey", "-traditional", "-in"])
+        .arg(pki.client_key_file())
+        .arg("-out")
+        .arg(&sec1_key));
+    assert!(out.status.success());
+    let model = small_model(dir.path());
+    let camera = one_camera("cam", &model, r#"{ kind = "test" }"#, "");
+    let check = |mqtt: String| {
+        let config = write_config(dir.path(), &format!("[mqtt]\n{mqtt}\n{camera}"));
+        let out = run(patchflow().args(["config", "check"]).arg(&config));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, err) = check(format!(
+        "url = \"mqtts://localhost\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        pki.ca_file().display(),
+        pki.client_cert_file().display(),
+        pki.client_key_file().display()
+    ));
+    assert_eq!(code, Some(0), "{err}");
+
+    let cases = [
+        // A key file is no CA file.
+        (
+            format!("ca_file = \"{}\"", pki.client_key_file().display()),
+            "mqtt.ca_file: invalid MQTT CA file",
+            "contains no PEM certificate",
+        ),
+        (
+            format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+                pki.client_cert_file().display(),
+                pki.other_key_file().display()
+            ),
+            "mqtt.client_key_file: invalid MQTT client key file",
+            "does not belong to the certificate",
+        ),
+        (
+            format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+                pki.client_cert_file().display(),
+                sec1_key.display()
+            ),
+            "mqtt.client_key_file: invalid MQTT client key file",
+            "openssl pkcs8 -topk8 -nocrypt",
+        ),
+        (
+            format!("ca_file = \"{}\"", dir.path().join("absent.pem").display()),
+            "mqtt.ca_file: invalid MQTT CA file",
+            "cannot read the file",
+        ),
+    ];
+    for (files, field, reason) in cases {
+        let (code, err) = check(format!("url = \"mqtts://localhost\"\n{files}"));
+        assert_eq!(code, Some(2), "{files}: {err}");
+        let line = err
+            .lines()
+            .find(|line| line.contains(field))
+            .unwrap_or_else(|| panic!("{field} missing from: {err}"));
+        assert!(line.contains(reason), "{line}");
+    }
+
+    let (code, err) = check(format!(
+        "url = \"mqtt://localhost\"\nca_file = \"{}\"",
+        pki.ca_file().display()
+    ));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("mqtt.ca_file: only used with TLS"), "{err}");
 }
 
 #[test]

@@ -18,8 +18,9 @@ use patchflow::checkpoint;
 use patchflow::model::ModelConfig;
 use patchflow::scoring::Scorer;
 use serde_json::Value;
-use support::broker::{Broker, ReceivedMessage, Subscriber, hex_bytes};
+use support::broker::{Broker, ReceivedMessage, Subscriber, TlsListener, hex_bytes};
 use support::fixtures;
+use support::pki::Pki;
 
 fn patchflow() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchflow"));
@@ -691,4 +692,77 @@ source = {{ kind = "images", location = "late/%03d.png" }}
         .unwrap_or_default();
     assert!(late_summary.contains("5 frames scored"), "{log}");
     assert!(!late_summary.contains(" 0 restarts"), "{log}");
+}
+
+#[test]
+fn wrong_tls_ca_is_reported_while_cameras_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(TlsListener {
+        ca_file: pki.ca_file(),
+        cert_file: pki.server_cert_file(),
+        key_file: pki.server_key_file(),
+        require_certificate: false,
+    });
+    let subscriber = Subscriber::start(broker.port, "pf6/#");
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[defaults.model]
+path = "{}"
+[mqtt]
+url = "{}"
+prefix = "pf6"
+ca_file = "{}"
+score_max_rate = 1000.0
+[[lines]]
+name = "l"
+[[lines.cameras]]
+name = "cam"
+source = {{ kind = "test", num_buffers = 30, width = 64, height = 64 }}
+"#,
+            model.display(),
+            broker.tls_url("127.0.0.1"),
+            pki.other_ca_file().display()
+        ),
+    )
+    .unwrap();
+
+    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+    let mut child = patchflow()
+        .arg("run")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(120), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{status:?}: {log}");
+
+    // Every frame is scored although no message reaches the broker.
+    assert!(
+        log.contains("camera cam (line l): 30 frames scored"),
+        "{log}"
+    );
+    assert!(log.contains("0 messages published"), "{log}");
+    let handshake = log
+        .lines()
+        .find(|line| line.contains("TLS handshake with"))
+        .unwrap_or_else(|| panic!("no TLS error logged: {log}"));
+    assert!(
+        handshake.contains(&broker.tls_url("127.0.0.1")),
+        "{handshake}"
+    );
+    assert!(
+        handshake.contains("certificate verify failed"),
+        "{handshake}"
+    );
+    assert!(
+        handshake.contains(&pki.other_ca_file().display().to_string()),
+        "{handshake}"
+    );
+    assert_eq!(subscriber.collect_for(Duration::from_millis(300)), []);
 }

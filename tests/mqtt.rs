@@ -1,17 +1,19 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Tests of `patchflow::mqtt::Publisher` against a real mosquitto broker on 127.0.0.1.
 //!
-//! Each test starts its own broker on a free port, so the tests can run in parallel.
+//! Each test starts its own broker on a free port, so the tests can run in parallel. The TLS
+//! tests make their certificates with the `openssl` tool.
 
 mod support;
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use patchflow::mqtt::{MqttError, MqttSettings, Publisher, frame_message};
+use patchflow::mqtt::{MqttError, MqttSettings, Publisher, TlsFiles, frame_message};
 use patchflow::scoring::{FrameScore, Threshold};
 use serde_json::Value;
-use support::broker::{Broker, ReceivedMessage, Subscriber, free_port, wait_until};
+use support::broker::{Broker, ReceivedMessage, Subscriber, TlsListener, free_port, wait_until};
+use support::pki::Pki;
 use tracing_subscriber::EnvFilter;
 
 /// Time allowed for messages to reach the subscriber, or for the publisher to connect.
@@ -404,19 +406,272 @@ fn invalid_url_reports_expected_form() {
         );
         assert_eq!(
             error.to_string(),
-            format!("invalid MQTT URL \"{url}\": expected mqtt://HOST[:PORT]")
+            format!(
+                "invalid MQTT URL \"{url}\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            )
         );
     }
+}
 
-    let error = Publisher::start(settings(
-        "mqtts://127.0.0.1:8883".to_owned(),
-        "invalid",
-        0,
-        10,
+/// Starts a broker whose TLS listener uses the server certificate of `pki`.
+fn tls_broker(pki: &Pki, require_certificate: bool) -> Broker {
+    Broker::start_tls(TlsListener {
+        ca_file: pki.ca_file(),
+        cert_file: pki.server_cert_file(),
+        key_file: pki.server_key_file(),
+        require_certificate,
+    })
+}
+
+fn tls_settings(url: String, client_id: &str, tls: TlsFiles) -> MqttSettings {
+    MqttSettings {
+        tls,
+        ..settings(url, client_id, 1, 100)
+    }
+}
+
+#[test]
+fn tls_messages_arrive_with_right_ca() {
+    init_logging();
+    let pki = Pki::generate();
+    let broker = tls_broker(&pki, false);
+    const COUNT: u64 = 50;
+
+    // 127.0.0.1 is matched against the certificate's IP address, localhost against its DNS
+    // name.
+    for host in ["127.0.0.1", "localhost"] {
+        let topic = format!("patchflow/test/tls-{host}");
+        let subscriber = Subscriber::start(broker.port, &topic);
+        let files = TlsFiles {
+            ca_file: Some(pki.ca_file()),
+            ..TlsFiles::default()
+        };
+        let publisher =
+            Publisher::start(tls_settings(broker.tls_url(host), "tls-ca", files)).unwrap();
+        assert!(
+            wait_until(DELIVERY_TIMEOUT, || publisher.stats().connected),
+            "{host}: publisher did not connect: {:?}; broker log:\n{}",
+            publisher.last_error(),
+            broker.log()
+        );
+        assert_eq!(publisher.last_error(), None, "{host}");
+
+        publish_frames(&publisher, &topic, 0..COUNT);
+        let messages = subscriber.collect(COUNT as usize, DELIVERY_TIMEOUT);
+        let expected: Vec<u64> = (0..COUNT).collect();
+        assert_eq!(frame_numbers(&messages, &topic), expected, "{host}");
+        for (frame, message) in (0..COUNT).zip(&messages) {
+            assert_frame_fields(&parse_json(message), frame);
+        }
+        assert!(
+            wait_until(DELIVERY_TIMEOUT, || publisher.stats().published == COUNT),
+            "{host}: {:?}",
+            publisher.stats()
+        );
+        let stats = publisher.shutdown(Duration::from_secs(2));
+        assert_eq!(stats.dropped, 0, "{host}");
+        assert_eq!(stats.reconnect_attempts, 0, "{host}");
+    }
+}
+
+#[test]
+fn tls_wrong_ca_delivers_nothing_and_reports() {
+    init_logging();
+    let pki = Pki::generate();
+    let broker = tls_broker(&pki, false);
+    let topic = "patchflow/test/tls-wrong-ca";
+    let subscriber = Subscriber::start(broker.port, topic);
+    const CAPACITY: usize = 10;
+    const ATTEMPTS: u64 = 1000;
+
+    // Without a CA file the system trust store applies, which does not contain the test CA.
+    let cases = [
+        (Some(pki.other_ca_file()), "other-ca.pem"),
+        (None, "system trust store"),
+    ];
+    for (ca_file, hint) in cases {
+        let url = broker.tls_url("127.0.0.1");
+        let files = TlsFiles {
+            ca_file,
+            ..TlsFiles::default()
+        };
+        let publisher = Publisher::start(MqttSettings {
+            queue_capacity: CAPACITY,
+            ..tls_settings(url.clone(), "tls-wrong-ca", files)
+        })
+        .unwrap();
+
+        let started = Instant::now();
+        let mut accepted = 0;
+        for frame in 0..ATTEMPTS {
+            if publisher.publish(topic, frame_payload(frame)) {
+                accepted += 1;
+            }
+        }
+        let publish_time = started.elapsed();
+        assert!(
+            publish_time < NON_BLOCKING_LIMIT,
+            "{hint}: {ATTEMPTS} publishes took {publish_time:?}"
+        );
+        assert_eq!(accepted, CAPACITY, "{hint}");
+
+        assert!(
+            wait_until(DELIVERY_TIMEOUT, || publisher.stats().reconnect_attempts
+                >= 2),
+            "{hint}: the publisher did not retry: {:?}",
+            publisher.stats()
+        );
+        let error = publisher
+            .last_error()
+            .expect("a failed handshake is recorded");
+        assert!(error.contains(&url), "{error}");
+        assert!(error.contains("TLS handshake"), "{error}");
+        assert!(error.contains("certificate verify failed"), "{error}");
+        assert!(error.contains(hint), "{error}");
+
+        let stats = publisher.stats();
+        assert!(!stats.connected, "{hint}");
+        assert_eq!(stats.published, 0, "{hint}");
+        assert_eq!(stats.queued, CAPACITY, "{hint}");
+        assert_eq!(subscriber.collect_for(QUIET_PERIOD), [], "{hint}");
+
+        let timeout = Duration::from_millis(500);
+        let started = Instant::now();
+        publisher.shutdown(timeout);
+        let shutdown_time = started.elapsed();
+        assert!(
+            shutdown_time <= timeout + SHUTDOWN_SLACK,
+            "{hint}: shutdown took {shutdown_time:?}"
+        );
+    }
+}
+
+#[test]
+fn tls_client_certificate_authenticates() {
+    init_logging();
+    let pki = Pki::generate();
+    let broker = tls_broker(&pki, true);
+    let topic = "patchflow/test/tls-client";
+    let subscriber = Subscriber::start(broker.port, topic);
+
+    let files = TlsFiles {
+        ca_file: Some(pki.ca_file()),
+        client_cert_file: Some(pki.client_cert_file()),
+        client_key_file: Some(pki.client_key_file()),
+    };
+    let publisher = Publisher::start(tls_settings(
+        broker.tls_url("localhost"),
+        "tls-client-cert",
+        files,
     ))
-    .unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "unsupported MQTT URL \"mqtts://127.0.0.1:8883\": TLS is not supported yet, use mqtt://HOST[:PORT]"
+    .unwrap();
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || publisher.stats().connected),
+        "publisher did not connect: {:?}; broker log:\n{}",
+        publisher.last_error(),
+        broker.log()
+    );
+    publish_frames(&publisher, topic, 0..20);
+    let messages = subscriber.collect(20, DELIVERY_TIMEOUT);
+    let expected: Vec<u64> = (0..20).collect();
+    assert_eq!(frame_numbers(&messages, topic), expected);
+    publisher.shutdown(Duration::from_secs(2));
+
+    // The same listener rejects a client without a certificate, which shows that it checks
+    // them.
+    let files = TlsFiles {
+        ca_file: Some(pki.ca_file()),
+        ..TlsFiles::default()
+    };
+    let publisher = Publisher::start(tls_settings(
+        broker.tls_url("localhost"),
+        "tls-no-client-cert",
+        files,
+    ))
+    .unwrap();
+    publish_frames(&publisher, topic, 100..105);
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || publisher.stats().reconnect_attempts
+            >= 2),
+        "{:?}",
+        publisher.stats()
+    );
+    assert!(!publisher.stats().connected);
+    let error = publisher
+        .last_error()
+        .expect("a rejected connection is recorded");
+    assert!(error.contains("requires a client certificate"), "{error}");
+    publisher.shutdown(Duration::from_millis(500));
+
+    // A client certificate from a CA that the broker does not trust is rejected too.
+    let files = TlsFiles {
+        ca_file: Some(pki.ca_file()),
+        client_cert_file: Some(pki.stranger_cert_file()),
+        client_key_file: Some(pki.stranger_key_file()),
+    };
+    let publisher = Publisher::start(tls_settings(
+        broker.tls_url("localhost"),
+        "tls-stranger-cert",
+        files,
+    ))
+    .unwrap();
+    publish_frames(&publisher, topic, 200..205);
+    assert!(
+        wait_until(DELIVERY_TIMEOUT, || publisher.stats().reconnect_attempts
+            >= 2),
+        "{:?}",
+        publisher.stats()
+    );
+    assert!(!publisher.stats().connected);
+    let error = publisher
+        .last_error()
+        .expect("a rejected connection is recorded");
+    assert!(error.contains("client certificate"), "{error}");
+    assert!(error.contains("stranger.pem"), "{error}");
+    assert_eq!(subscriber.collect_for(QUIET_PERIOD), []);
+    publisher.shutdown(Duration::from_millis(500));
+}
+
+#[test]
+fn tls_start_rejects_bad_files() {
+    let pki = Pki::generate();
+    let url = "mqtts://127.0.0.1:8883".to_owned();
+    let start = |files: TlsFiles| {
+        Publisher::start(tls_settings(url.clone(), "tls-bad-files", files)).unwrap_err()
+    };
+
+    // A key file used as CA file contains no certificate.
+    let error = start(TlsFiles {
+        ca_file: Some(pki.client_key_file()),
+        ..TlsFiles::default()
+    });
+    assert!(
+        error.to_string().starts_with(&format!(
+            "invalid MQTT CA file {}: contains no PEM certificate",
+            pki.client_key_file().display()
+        )),
+        "{error}"
+    );
+
+    let error = start(TlsFiles {
+        client_cert_file: Some(pki.client_cert_file()),
+        client_key_file: Some(pki.other_key_file()),
+        ..TlsFiles::default()
+    });
+    let text = error.to_string();
+    assert!(text.contains("client key file"), "{text}");
+    assert!(
+        text.contains("does not belong to the certificate"),
+        "{text}"
+    );
+
+    let error = start(TlsFiles {
+        client_cert_file: Some(pki.client_key_file()),
+        client_key_file: Some(pki.client_key_file()),
+        ..TlsFiles::default()
+    });
+    assert!(
+        error.to_string().contains("client certificate file"),
+        "{error}"
     );
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::alarm::AlarmConfig;
+use crate::mqtt::{MqttError, TlsFileKind, TlsFiles};
 use crate::scoring::{ScoreDomain, Threshold};
 
 /// A config that cannot be used, with every problem found.
@@ -230,7 +231,8 @@ impl TopicOptions {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://HOST[:PORT]`.
+    /// `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` for TLS (port
+    /// 8883 by default).
     pub url: String,
     /// First level of every topic.
     #[serde(default = "default_prefix")]
@@ -246,6 +248,16 @@ pub struct MqttConfig {
     /// File whose content, without the final line break, is the password.
     #[serde(default)]
     pub password_file: Option<String>,
+    /// PEM file of the CAs that the broker's certificate must chain to, for an `mqtts://`
+    /// URL. Without it, the system trust store is used.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate for brokers that require one, for an `mqtts://` URL.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// Unencrypted PKCS#8 PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
     /// Seconds between keep-alive pings. The broker publishes the Last Will about 1.5
     /// times this long after the connection goes silent.
     #[serde(default = "default_keep_alive")]
@@ -334,9 +346,20 @@ impl MqttConfig {
         Ok(None)
     }
 
+    /// Returns the TLS files. `Config::parse` has resolved relative paths against the config
+    /// file's folder.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.as_ref().map(PathBuf::from),
+            client_cert_file: self.client_cert_file.as_ref().map(PathBuf::from),
+            client_key_file: self.client_key_file.as_ref().map(PathBuf::from),
+        }
+    }
+
     fn problems(&self, p: &mut Problems) {
-        if let Err(e) = crate::mqtt::validate_url(&self.url) {
-            p.push("mqtt.url", e.to_string());
+        match crate::mqtt::is_tls_url(&self.url) {
+            Ok(tls) => self.tls_problems(tls, p),
+            Err(e) => p.push("mqtt.url", e.to_string()),
         }
         if self.prefix.is_empty() || self.prefix.contains(['+', '#', '\0']) {
             p.push(
@@ -404,6 +427,61 @@ impl MqttConfig {
                     format!("{qos} must be 0, 1 or 2"),
                 );
             }
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Checks the TLS files: only with an `mqtts://` URL, the key with its certificate, and
+    /// each file readable and valid PEM.
+    fn tls_problems(&self, tls: bool, p: &mut Problems) {
+        let files = [
+            ("mqtt.ca_file", &self.ca_file),
+            ("mqtt.client_cert_file", &self.client_cert_file),
+            ("mqtt.client_key_file", &self.client_key_file),
+        ];
+        if !tls {
+            for (field, value) in files {
+                if value.is_some() {
+                    p.push(
+                        field,
+                        format!(
+                            "only used with TLS, but mqtt.url {:?} is plain MQTT: change it to mqtts://HOST[:PORT] or remove {field}",
+                            self.url
+                        ),
+                    );
+                }
+            }
+            return;
+        }
+
+        if let Some(ca_file) = &self.ca_file
+            && let Err(e) = crate::mqtt::read_ca_file(Path::new(ca_file))
+        {
+            p.push("mqtt.ca_file", e.to_string());
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::mqtt::read_client_identity(Path::new(cert), Path::new(key)) {
+                    let field = match &e {
+                        MqttError::TlsFile {
+                            kind: TlsFileKind::ClientCertFile,
+                            ..
+                        } => "mqtt.client_cert_file",
+                        _ => "mqtt.client_key_file",
+                    };
+                    p.push(field, e.to_string());
+                }
+            }
+            (Some(_), None) => p.push(
+                "mqtt.client_key_file",
+                "missing: client_cert_file needs the certificate's private key".into(),
+            ),
+            (None, Some(_)) => p.push(
+                "mqtt.client_cert_file",
+                "missing: client_key_file needs the certificate it belongs to".into(),
+            ),
+            (None, None) => {}
         }
     }
 }
@@ -536,7 +614,15 @@ impl Config {
 
         let mqtt = root.get("mqtt").and_then(|value| {
             let mut mqtt: MqttConfig = parse_whole(value, "mqtt", &mut p)?;
-            if let Some(file) = &mut mqtt.password_file {
+            for file in [
+                &mut mqtt.password_file,
+                &mut mqtt.ca_file,
+                &mut mqtt.client_cert_file,
+                &mut mqtt.client_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
                 resolve(file, base);
             }
             mqtt.problems(&mut p);
@@ -1258,6 +1344,112 @@ source = { kind = "test" }
         ] {
             assert_listed(&found, field);
         }
+    }
+
+    /// Returns the problems of a config whose `[mqtt]` section is `mqtt`.
+    fn mqtt_problems(mqtt: &str) -> Vec<String> {
+        problems(&format!(
+            "[mqtt]\n{mqtt}\n[[lines]]\nname = \"a\"\n[[lines.cameras]]\nname = \"cam\"\nsource = {{ kind = \"test\" }}\n"
+        ))
+    }
+
+    /// Returns the problem listed for `field`, failing when there is none.
+    fn problem_of<'a>(problems: &'a [String], field: &str) -> &'a str {
+        problems
+            .iter()
+            .find(|p| p.starts_with(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("{field} missing from {problems:#?}"))
+    }
+
+    #[test]
+    fn tls_files_need_mqtts_url() {
+        let found = mqtt_problems(
+            r#"url = "mqtt://127.0.0.1:1883"
+ca_file = "ca.pem"
+client_cert_file = "client.pem"
+client_key_file = "client.key""#,
+        );
+        for field in [
+            "mqtt.ca_file",
+            "mqtt.client_cert_file",
+            "mqtt.client_key_file",
+        ] {
+            let problem = problem_of(&found, field);
+            assert!(problem.contains("only used with TLS"), "{problem}");
+            assert!(problem.contains("mqtts://"), "{problem}");
+        }
+        assert!(
+            !found.iter().any(|p| p.starts_with("mqtt.url")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn tls_client_key_and_cert_go_together() {
+        let found = mqtt_problems(
+            r#"url = "mqtts://broker.example"
+client_key_file = "client.key""#,
+        );
+        let problem = problem_of(&found, "mqtt.client_cert_file");
+        assert!(
+            problem.starts_with("mqtt.client_cert_file: missing"),
+            "{problem}"
+        );
+
+        let found = mqtt_problems(
+            r#"url = "mqtts://broker.example"
+client_cert_file = "client.pem""#,
+        );
+        let problem = problem_of(&found, "mqtt.client_key_file");
+        assert!(
+            problem.starts_with("mqtt.client_key_file: missing"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn tls_files_are_read_and_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not-pem.txt");
+        std::fs::write(&not_pem, "plain text\n").unwrap();
+        let rsa_key = dir.path().join("rsa.key");
+        std::fs::write(&rsa_key, "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n").unwrap();
+
+        // Relative paths are resolved against the config's folder, /nonexistent here.
+        let found = mqtt_problems(
+            r#"url = "mqtts://broker.example:8884"
+ca_file = "ca.pem""#,
+        );
+        let problem = problem_of(&found, "mqtt.ca_file");
+        assert!(problem.contains("/nonexistent/ca.pem"), "{problem}");
+        assert!(problem.contains("cannot read the file"), "{problem}");
+
+        let found = mqtt_problems(&format!(
+            "url = \"mqtts://broker.example\"\nca_file = \"{}\"",
+            not_pem.display()
+        ));
+        let problem = problem_of(&found, "mqtt.ca_file");
+        assert!(problem.contains("no PEM certificate"), "{problem}");
+
+        // The certificate is checked first, so a bad certificate is blamed on its own field.
+        let found = mqtt_problems(&format!(
+            "url = \"mqtts://broker.example\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+            not_pem.display(),
+            rsa_key.display()
+        ));
+        let problem = problem_of(&found, "mqtt.client_cert_file");
+        assert!(problem.contains("no PEM certificate"), "{problem}");
+        assert!(
+            !found.iter().any(|p| p.starts_with("mqtt.client_key_file")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn tls_url_with_ipv6_literal_is_rejected() {
+        let found = mqtt_problems(r#"url = "mqtts://[::1]:8883""#);
+        let problem = problem_of(&found, "mqtt.url");
+        assert!(problem.contains("host name"), "{problem}");
     }
 
     #[test]

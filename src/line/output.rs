@@ -59,6 +59,7 @@ impl Output {
             last_will: Some(message(OFFLINE)),
             birth: Some(message(ONLINE)),
             credentials,
+            tls: config.tls_files(),
         };
         let publisher = Publisher::start(settings).map_err(|e: MqttError| e.to_string())?;
         tracing::info!(

@@ -4,6 +4,9 @@
 //! Both listen and connect on 127.0.0.1 only. The broker runs from a configuration file in
 //! a temporary directory and is killed when dropped, like the subscriber. Debian's
 //! `mosquitto` and `mosquitto-clients` packages (2.0.11 tested) provide the programs.
+//!
+//! [`Broker::start_tls`] adds a TLS listener next to the plain one, so that a test publishes
+//! over TLS while its [`Subscriber`] reads on the plain port.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -24,10 +27,24 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// and mosquitto's bind, and a fresh port makes that race unlikely to repeat.
 const START_ATTEMPTS: usize = 5;
 
+/// Certificate, key and client CA of a TLS listener, all PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// CA that client certificates must chain to.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Whether clients must present a certificate signed by `ca_file`.
+    pub require_certificate: bool,
+}
+
 /// A mosquitto process listening on `127.0.0.1:port`, with anonymous access and no
-/// persistence.
+/// persistence, and on `127.0.0.1:tls_port` with TLS when started with a [`TlsListener`].
 pub struct Broker {
     pub port: u16,
+    /// Port of the TLS listener, 0 without one.
+    pub tls_port: u16,
+    tls: Option<TlsListener>,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -37,15 +54,32 @@ impl Broker {
     ///
     /// Panics when mosquitto cannot be started.
     pub fn start() -> Broker {
+        Broker::start_with(None)
+    }
+
+    /// Starts mosquitto with a plain listener and a TLS listener, each on a free loopback
+    /// port, and waits until both accept connections.
+    ///
+    /// Panics when mosquitto cannot be started.
+    pub fn start_tls(listener: TlsListener) -> Broker {
+        Broker::start_with(Some(listener))
+    }
+
+    fn start_with(tls: Option<TlsListener>) -> Broker {
         let dir = tempfile::tempdir().expect("failed to create a temporary directory");
         let mut broker = Broker {
             port: 0,
+            tls_port: 0,
+            tls,
             dir,
             child: None,
         };
         let mut errors = Vec::new();
         for _ in 0..START_ATTEMPTS {
             broker.port = free_port();
+            if broker.tls.is_some() {
+                broker.tls_port = free_port();
+            }
             match broker.spawn() {
                 Ok(()) => return broker,
                 Err(error) => errors.push(error),
@@ -57,6 +91,14 @@ impl Broker {
     /// Returns the broker URL, `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the URL of the TLS listener, `mqtts://HOST:TLS_PORT`. `host` must be a name
+    /// in the server certificate that resolves to 127.0.0.1, such as `127.0.0.1` or
+    /// `localhost`.
+    pub fn tls_url(&self, host: &str) -> String {
+        assert!(self.tls.is_some(), "the broker has no TLS listener");
+        format!("mqtts://{host}:{}", self.tls_port)
     }
 
     /// Kills mosquitto and waits for it to exit. [`Broker::restart`] starts it again on the
@@ -100,10 +142,21 @@ impl Broker {
     /// Writes the configuration, spawns mosquitto on `self.port` and waits until it listens.
     fn spawn(&mut self) -> Result<(), String> {
         let config_path = self.dir.path().join("mosquitto.conf");
-        let config = format!(
+        let mut config = format!(
             "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
             self.port
         );
+        // Listener options such as cafile apply to the listener line above them.
+        if let Some(tls) = &self.tls {
+            config.push_str(&format!(
+                "listener {} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                self.tls_port,
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.require_certificate,
+            ));
+        }
         std::fs::write(&config_path, config).map_err(|error| error.to_string())?;
 
         let log = std::fs::File::create(self.log_path()).map_err(|error| error.to_string())?;
@@ -129,7 +182,10 @@ impl Broker {
 
     fn wait_until_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut addresses = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))];
+        if self.tls.is_some() {
+            addresses.push(SocketAddr::from((Ipv4Addr::LOCALHOST, self.tls_port)));
+        }
         loop {
             let child = self.child.as_mut().expect("spawn stores the child first");
             if let Ok(Some(status)) = child.try_wait() {
@@ -139,13 +195,17 @@ impl Broker {
             // mosquitto logs "running" only after it has bound every listener. Checking the
             // log as well as connecting avoids mistaking another server on the port for it.
             let running = self.log().contains(" running");
-            if running && TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
+            let listening = || {
+                addresses.iter().all(|address| {
+                    TcpStream::connect_timeout(address, Duration::from_millis(100)).is_ok()
+                })
+            };
+            if running && listening() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "mosquitto did not listen on port {} within {READY_TIMEOUT:?}",
-                    self.port
+                    "mosquitto did not listen on {addresses:?} within {READY_TIMEOUT:?}"
                 ));
             }
             std::thread::sleep(Duration::from_millis(10));

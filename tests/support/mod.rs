@@ -6,4 +6,5 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod pki;
 pub mod tensors;

@@ -228,6 +228,9 @@ fn gst_inspect_lists_properties() {
         "mqtt-url",
         "mqtt-topic",
         "mqtt-qos",
+        "mqtt-ca-file",
+        "mqtt-client-cert-file",
+        "mqtt-client-key-file",
         "mqtt-stats",
     ] {
         let line = format!("\n  {property:<20}: ");

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 use gst_check::Harness;
 use patchflow::model::ModelConfig;
-use support::broker::{Broker, Subscriber, free_port, wait_until};
+use support::broker::{Broker, Subscriber, TlsListener, free_port, wait_until};
+use support::pki::Pki;
 
 /// Maximum time to wait for a bus message that should already have been posted.
 const MESSAGE_TIMEOUT: gst::ClockTime = gst::ClockTime::from_seconds(5);
@@ -612,16 +613,28 @@ fn unset_model_fails_to_start() {
 fn invalid_settings_fail_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let model = support::write_model(dir.path(), &support::small_config());
-    let cases: [(&str, &str, &str); 4] = [
+    let cases: [(&str, &str, &str); 6] = [
         ("device", "gpu", "Failed to set up device \"gpu\""),
         ("mqtt-url", "http://127.0.0.1:1883", "invalid MQTT URL"),
-        ("mqtt-url", "mqtts://127.0.0.1:8883", "TLS is not supported"),
+        ("mqtt-url", "mqtts://[::1]:8883", "bracketed IPv6 address"),
         ("mqtt-topic", "patchflow/+/score", "Invalid mqtt-topic"),
+        (
+            "mqtt-ca-file",
+            "/nonexistent/ca.pem",
+            "invalid MQTT CA file /nonexistent/ca.pem",
+        ),
+        (
+            "mqtt-client-key-file",
+            "/nonexistent/client.key",
+            "missing MQTT client certificate file",
+        ),
     ];
     for (property, value, expected) in cases {
         let mut properties = vec![(property, value)];
         if property == "mqtt-topic" {
             properties.push(("mqtt-url", "mqtt://127.0.0.1:1883"));
+        } else if property.starts_with("mqtt-c") {
+            properties.push(("mqtt-url", "mqtts://127.0.0.1:8883"));
         }
         let scorer = Scorer::new(&model, &properties);
 
@@ -746,6 +759,111 @@ fn mqtt_messages_arrive() {
     assert!(stats.get::<bool>("connected").unwrap());
 }
 
+#[test]
+fn mqtt_tls_messages_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(TlsListener {
+        ca_file: pki.ca_file(),
+        cert_file: pki.server_cert_file(),
+        key_file: pki.server_key_file(),
+        require_certificate: true,
+    });
+    let subscriber = Subscriber::start(broker.port, "patchflow/+/score");
+    let url = broker.tls_url("localhost");
+    let ca_file = pki.ca_file().display().to_string();
+    let cert_file = pki.client_cert_file().display().to_string();
+    let key_file = pki.client_key_file().display().to_string();
+    let scorer = Scorer::new(
+        &model,
+        &[
+            ("name", "camera1"),
+            ("mqtt-url", &url),
+            ("mqtt-ca-file", &ca_file),
+            ("mqtt-client-cert-file", &cert_file),
+            ("mqtt-client-key-file", &key_file),
+        ],
+    );
+    assert_eq!(scorer.element.property::<String>("mqtt-ca-file"), ca_file);
+    assert_eq!(
+        scorer.element.property::<String>("mqtt-client-key-file"),
+        key_file
+    );
+    let info = video_info("RGB", 64, 48);
+    let mut harness = scorer.harness(&info);
+    let connected = || {
+        let stats = scorer.element.property::<gst::Structure>("mqtt-stats");
+        stats.get::<bool>("connected").unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), connected),
+        "broker log:\n{}",
+        broker.log()
+    );
+
+    push_frames(&scorer, &mut harness, &info, 3);
+    let messages = subscriber.collect(3, Duration::from_secs(10));
+    let frames: Vec<u64> = messages
+        .iter()
+        .map(|message| {
+            assert_eq!(message.topic, "patchflow/camera1/score");
+            let json: serde_json::Value = serde_json::from_str(&message.payload).unwrap();
+            json["frame"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(frames, [0, 1, 2]);
+}
+
+#[test]
+fn mqtt_tls_wrong_ca_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(TlsListener {
+        ca_file: pki.ca_file(),
+        cert_file: pki.server_cert_file(),
+        key_file: pki.server_key_file(),
+        require_certificate: false,
+    });
+    let url = broker.tls_url("127.0.0.1");
+    let other_ca = pki.other_ca_file().display().to_string();
+    let scorer = Scorer::new(&model, &[("mqtt-url", &url), ("mqtt-ca-file", &other_ca)]);
+    let info = video_info("RGB", 64, 48);
+    let mut harness = scorer.harness(&info);
+
+    // The outage warning comes with a frame at least 3 s after the start. `next_report`
+    // would drop it, so the messages of each frame are read here up to its report.
+    let started = Instant::now();
+    let mut warning = None;
+    while warning.is_none() && started.elapsed() < Duration::from_secs(15) {
+        harness.push_and_pull(pattern_buffer(&info)).unwrap();
+        loop {
+            let message = scorer
+                .bus
+                .timed_pop(MESSAGE_TIMEOUT)
+                .expect("no patchflow element message was posted");
+            match message.view() {
+                gst::MessageView::Warning(posted) => {
+                    warning = Some(posted.error().to_string());
+                }
+                gst::MessageView::Element(_) => break,
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let warning = warning.expect("no warning about the unreachable broker");
+    assert!(warning.contains(&url), "{warning}");
+    assert!(warning.contains("certificate verify failed"), "{warning}");
+    assert!(warning.contains(&other_ca), "{warning}");
+    let stats = scorer.element.property::<gst::Structure>("mqtt-stats");
+    assert!(!stats.get::<bool>("connected").unwrap());
+    assert_eq!(stats.get::<u64>("published").unwrap(), 0);
+
+    assert_unreachable_broker_does_not_block(&model, &url, &[("mqtt-ca-file", &other_ca)]);
+}
+
 /// Pushes `count` frames, checks that each comes out with its report and returns the time
 /// that took.
 fn push_frames(
@@ -764,7 +882,11 @@ fn push_frames(
 
 /// Checks that frames flow as fast as without MQTT while the broker at `url` does not
 /// answer, and that the element then stops promptly.
-fn assert_unreachable_broker_does_not_block(model: &Path, url: &str) {
+fn assert_unreachable_broker_does_not_block(
+    model: &Path,
+    url: &str,
+    extra_properties: &[(&str, &str)],
+) {
     const FRAMES: u64 = 20;
     let info = video_info("RGB", 64, 48);
 
@@ -773,7 +895,9 @@ fn assert_unreachable_broker_does_not_block(model: &Path, url: &str) {
     let baseline_time = push_frames(&baseline, &mut harness, &info, FRAMES);
     drop(harness);
 
-    let scorer = Scorer::new(model, &[("mqtt-url", url)]);
+    let mut properties = vec![("mqtt-url", url)];
+    properties.extend_from_slice(extra_properties);
+    let scorer = Scorer::new(model, &properties);
     let mut harness = scorer.harness(&info);
     let mqtt_time = push_frames(&scorer, &mut harness, &info, FRAMES);
     // The limit is generous because both runs share the machine with other tests. It still
@@ -809,7 +933,7 @@ fn mqtt_closed_port_does_not_block() {
     // A port that was free a moment ago has no listener unless another process took it
     // since, so the connects are refused.
     let url = format!("mqtt://127.0.0.1:{}", free_port());
-    assert_unreachable_broker_does_not_block(&model, &url);
+    assert_unreachable_broker_does_not_block(&model, &url, &[]);
 }
 
 #[test]
@@ -820,7 +944,7 @@ fn mqtt_silent_broker_does_not_block() {
     // publisher connects and then waits for a CONNACK that never comes.
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let url = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    assert_unreachable_broker_does_not_block(&model, &url);
+    assert_unreachable_broker_does_not_block(&model, &url, &[]);
     drop(listener);
 }
 

@@ -17,7 +17,7 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use patchflow::imageops::{HeatMap, PackedFrame, PixelLayout, blend_heatmap};
-use patchflow::mqtt::{MqttSettings, Publisher, frame_message};
+use patchflow::mqtt::{MqttSettings, Publisher, TlsFiles, frame_message};
 use patchflow::scoring::{FrameScore, Scorer, Threshold};
 
 use super::{Colormap, ScoreDomain, ScoringMode};
@@ -85,6 +85,8 @@ struct Settings {
     /// `None` means `patchflow/<element name>/score`.
     mqtt_topic: Option<String>,
     mqtt_qos: u32,
+    /// CA file and client certificate for an `mqtts://` `mqtt_url`.
+    mqtt_tls: TlsFiles,
     scoring_interval: u32,
     scoring_mode: ScoringMode,
 }
@@ -103,6 +105,7 @@ impl Default for Settings {
             mqtt_url: DEFAULT_MQTT_URL.to_owned(),
             mqtt_topic: None,
             mqtt_qos: DEFAULT_MQTT_QOS,
+            mqtt_tls: TlsFiles::default(),
             scoring_interval: DEFAULT_SCORING_INTERVAL,
             scoring_mode: ScoringMode::Interval,
         }
@@ -394,9 +397,10 @@ impl ObjectImpl for PatchflowScore {
                     .nick("MQTT broker URL")
                     .blurb(
                         "Broker to publish per-frame scores to, as mqtt://HOST[:PORT] (port \
-                         1883 by default). Empty disables MQTT. An unreachable broker does \
-                         not stop the video: messages queue up and are dropped once the \
-                         queue is full. Read when the element starts.",
+                         1883 by default) or mqtts://HOST[:PORT] for TLS (port 8883 by \
+                         default). Empty disables MQTT. An unreachable broker does not stop \
+                         the video: messages queue up and are dropped once the queue is \
+                         full. Read when the element starts.",
                     )
                     .default_value(Some(DEFAULT_MQTT_URL))
                     .mutable_ready()
@@ -415,6 +419,33 @@ impl ObjectImpl for PatchflowScore {
                     .minimum(0)
                     .maximum(2)
                     .default_value(DEFAULT_MQTT_QOS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("mqtt-ca-file")
+                    .nick("MQTT CA file")
+                    .blurb(
+                        "PEM file of the CA certificates that the broker's certificate must \
+                         chain to, for an mqtts:// mqtt-url. When set, only these CAs are \
+                         trusted. Unset or empty uses the system trust store. Read when the \
+                         element starts.",
+                    )
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("mqtt-client-cert-file")
+                    .nick("MQTT client certificate file")
+                    .blurb(
+                        "PEM client certificate, followed by any intermediate CAs, for \
+                         brokers that require client authentication over mqtts://. Needs \
+                         mqtt-client-key-file. Read when the element starts.",
+                    )
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("mqtt-client-key-file")
+                    .nick("MQTT client key file")
+                    .blurb(
+                        "Unencrypted PKCS#8 PEM private key (BEGIN PRIVATE KEY) of \
+                         mqtt-client-cert-file. Read when the element starts.",
+                    )
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("mqtt-stats")
@@ -573,6 +604,28 @@ impl ObjectImpl for PatchflowScore {
                 );
                 settings.mqtt_topic = topic;
             }
+            "mqtt-ca-file" | "mqtt-client-cert-file" | "mqtt-client-key-file" => {
+                let path = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from);
+                let tls = &mut settings.mqtt_tls;
+                let field = match pspec.name() {
+                    "mqtt-ca-file" => &mut tls.ca_file,
+                    "mqtt-client-cert-file" => &mut tls.client_cert_file,
+                    _ => &mut tls.client_key_file,
+                };
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "Changing {} from {:?} to {:?}",
+                    pspec.name(),
+                    field,
+                    path
+                );
+                *field = path;
+            }
             "mqtt-qos" => {
                 let qos = value.get().expect("type checked upstream");
                 gst::info!(
@@ -612,6 +665,9 @@ impl ObjectImpl for PatchflowScore {
             "mqtt-url" => settings.mqtt_url.to_value(),
             "mqtt-topic" => self.mqtt_topic(&settings).to_value(),
             "mqtt-qos" => settings.mqtt_qos.to_value(),
+            "mqtt-ca-file" => path_value(settings.mqtt_tls.ca_file.as_ref()),
+            "mqtt-client-cert-file" => path_value(settings.mqtt_tls.client_cert_file.as_ref()),
+            "mqtt-client-key-file" => path_value(settings.mqtt_tls.client_key_file.as_ref()),
             "mqtt-stats" => {
                 drop(settings);
                 self.mqtt_stats().to_value()
@@ -1123,6 +1179,7 @@ impl PatchflowScore {
             client_id: format!("patchflow-{}-{}", source, std::process::id()),
             // The property's range is 0..=2, so the conversion cannot fail.
             qos: u8::try_from(settings.mqtt_qos).unwrap_or(u8::MAX),
+            tls: settings.mqtt_tls.clone(),
             ..MqttSettings::default()
         };
         let publisher = Publisher::start(mqtt_settings).map_err(|err| {
@@ -1233,12 +1290,17 @@ impl PatchflowScore {
         let since = *mqtt.disconnected_since.get_or_insert_with(Instant::now);
         if !mqtt.outage_reported && since.elapsed() >= MQTT_OUTAGE_WARNING {
             mqtt.outage_reported = true;
+            let reason = mqtt
+                .publisher
+                .last_error()
+                .unwrap_or_else(|| "no connection yet".to_owned());
             gst::element_imp_warning!(
                 self,
                 gst::ResourceError::OpenWrite,
                 (
-                    "MQTT broker {} is unreachable; scores are queued ({} so far) and dropped once the queue is full, and sending resumes when it comes back",
+                    "MQTT broker {} is unreachable ({}); scores are queued ({} so far) and dropped once the queue is full, and sending resumes when it comes back",
                     mqtt.url,
+                    reason,
                     stats.queued
                 )
             );
@@ -1286,6 +1348,12 @@ impl PatchflowScore {
             .field("reconnect-attempts", stats.reconnect_attempts)
             .build()
     }
+}
+
+/// Converts an optional path property to its string value, `None` when unset.
+fn path_value(path: Option<&PathBuf>) -> glib::Value {
+    path.map(|path| path.to_string_lossy().into_owned())
+        .to_value()
 }
 
 /// Byte layout of a negotiated video format, `None` for formats outside [`FORMATS`].

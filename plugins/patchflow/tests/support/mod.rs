@@ -14,6 +14,8 @@ use patchflow::model::ModelConfig;
 pub mod broker;
 #[path = "../../../../tests/support/fixtures.rs"]
 pub mod fixtures;
+#[path = "../../../../tests/support/pki.rs"]
+pub mod pki;
 
 pub use fixtures::{backbone_path, repo_path};
 
