@@ -517,6 +517,88 @@ fn sigterm_publishes_offline_and_exits_zero() {
     );
 }
 
+#[test]
+fn sighup_reloads_threshold_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let subscriber = Subscriber::start(broker.port, "pf6/#");
+    let config = dir.path().join("lines.toml");
+    let write_config = |threshold: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[defaults.model]\npath = \"{}\"\n[defaults.scoring]\nthreshold = {threshold}\n{}[[lines]]\nname = \"l\"\n{}",
+                model.display(),
+                mqtt_section("pf6", "score_max_rate = 50.0"),
+                endless_camera("cam")
+            ),
+        )
+        .unwrap();
+    };
+    // (frame, threshold) of the score messages that arrive within `timeout`, until one
+    // has `threshold`.
+    let scores_until = |threshold: f64, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            for message in subscriber.collect(1, Duration::from_millis(200)) {
+                let Ok(v) = serde_json::from_str::<Value>(&message.payload) else {
+                    continue;
+                };
+                if message.topic == "pf6/cam/score" {
+                    let pair = (
+                        v["frame"].as_u64().unwrap(),
+                        v["threshold"].as_f64().unwrap(),
+                    );
+                    seen.push(pair);
+                    if (pair.1 - threshold).abs() < 1e-6 {
+                        return seen;
+                    }
+                }
+            }
+        }
+        panic!(
+            "no score with threshold {threshold} in {timeout:?}: {seen:?}\n{}",
+            run_log(dir.path())
+        );
+    };
+
+    write_config("0.9");
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    let before = scores_until(0.9, Duration::from_secs(60));
+    write_config("0.25");
+    signal(&child, "-HUP");
+    let after = scores_until(0.25, Duration::from_secs(30));
+    // The pipeline kept playing: frame numbers go on rather than starting again at 0.
+    let last_before = before.last().unwrap().0;
+    let first_new = after.last().unwrap().0;
+    assert!(first_new > last_before, "{before:?} {after:?}");
+
+    // An invalid file changes nothing and the run goes on.
+    write_config("\"high\"");
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run_log(dir.path()).contains("cannot reload the config") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = run_log(dir.path());
+    assert!(log.contains("cannot reload the config"), "{log}");
+    assert!(log.contains("scoring.threshold"), "{log}");
+    let later = scores_until(0.25, Duration::from_secs(10));
+    assert!(
+        later.iter().all(|(_, t)| (t - 0.25).abs() < 1e-6),
+        "{later:?}"
+    );
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("reloaded "), "{log}");
+    assert!(log.contains(" 0 restarts"), "{log}");
+}
+
 /// Waits until any message arrives on `topic`.
 fn wait_for_topic(subscriber: &Subscriber, topic: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -32,6 +32,8 @@ pub struct Config {
     /// `None` publishes nothing.
     pub mqtt: Option<MqttConfig>,
     pub cameras: Vec<CameraConfig>,
+    /// The file the config was read from, which `patchflow run` reads again on SIGHUP.
+    pub source: Option<PathBuf>,
 }
 
 /// One camera with its line's and the defaults' settings merged in.
@@ -51,7 +53,7 @@ pub struct CameraConfig {
 }
 
 /// The video source of a camera.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Still images played as video: a folder, a glob such as `frames/*.png` (wildcards in
@@ -103,7 +105,7 @@ fn default_test_height() -> u32 {
 }
 
 /// The model file and where to run it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// Required, in `[defaults.model]`, the line or the camera.
@@ -112,7 +114,7 @@ pub struct ModelSection {
 }
 
 /// Decision and overlay settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringConfig {
     /// Score above which a frame is anomalous, on the scale of `threshold_domain`. When
@@ -189,7 +191,7 @@ impl SnapshotConfig {
 }
 
 /// The destination of the scored (and overlaid) video.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     /// Discard the frames.
@@ -228,7 +230,7 @@ impl TopicOptions {
 }
 
 /// The broker and topics that `patchflow run` publishes to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` for TLS (port
@@ -585,7 +587,9 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(fail)
+        let mut config = Self::parse(&text, base).map_err(fail)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses config text. Relative paths are resolved against `base`.
@@ -722,7 +726,11 @@ impl Config {
         }
 
         if p.list.is_empty() {
-            Ok(Config { mqtt, cameras })
+            Ok(Config {
+                mqtt,
+                cameras,
+                source: None,
+            })
         } else {
             Err(p.list)
         }

@@ -1,20 +1,21 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `patchflow run`: one pipeline, bus watch and alarm tracker per camera, each on its own
-//! thread, with restarts after errors and a clean stop on SIGINT or SIGTERM.
+//! thread, with restarts after errors, a clean stop on SIGINT or SIGTERM, and scoring and
+//! alarm settings read again from the config file on SIGHUP.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow};
 use gst::prelude::*;
 
-use crate::alarm::{AlarmOutput, AlarmTracker, EventKind, ScoredFrame, Scores};
+use crate::alarm::{AlarmConfig, AlarmOutput, AlarmTracker, EventKind, ScoredFrame, Scores};
 use crate::mqtt::{FrameMessage, PublisherStats};
 use crate::scoring::ScoreDomain;
 
-use super::config::{CameraConfig, Config, SinkConfig};
+use super::config::{CameraConfig, Config, ScoringConfig, SinkConfig};
 use super::output::Output;
 use super::pipeline::{self, SCORER_NAME, StagedImages};
 use super::snapshot::Snapshots;
@@ -108,19 +109,142 @@ pub struct RunSummary {
     pub mqtt: Option<(String, PublisherStats)>,
 }
 
-/// Returns the process-wide stop flag, installing the SIGINT and SIGTERM handler on the
-/// first call.
+/// Returns the process-wide stop flag, installing the SIGINT and SIGTERM handlers on the
+/// first call. A second SIGINT or SIGTERM while the streams finish exits at once with
+/// status 1.
 fn stop_flag() -> Result<Arc<AtomicBool>> {
     static STOP: OnceLock<Result<Arc<AtomicBool>, String>> = OnceLock::new();
     STOP.get_or_init(|| {
         let stop = Arc::new(AtomicBool::new(false));
-        let handler_flag = Arc::clone(&stop);
-        ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
-            .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+                .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&stop)))
+                .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
+        }
         Ok(stop)
     })
     .clone()
     .map_err(|e| anyhow!(e))
+}
+
+/// Returns the process-wide reload flag, installing the SIGHUP handler on the first call.
+fn reload_flag() -> Result<Arc<AtomicBool>> {
+    static RELOAD: OnceLock<Result<Arc<AtomicBool>, String>> = OnceLock::new();
+    RELOAD
+        .get_or_init(|| {
+            let reload = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+                .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+            Ok(reload)
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// The settings of one camera that a reload can change while its pipeline plays.
+#[derive(Debug)]
+struct LiveSettings {
+    current: Mutex<Live>,
+    /// Copy of `current.version`, polled by the camera thread without the lock.
+    version: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    version: u64,
+    scoring: ScoringConfig,
+    alarm: AlarmConfig,
+}
+
+impl LiveSettings {
+    fn new(camera: &CameraConfig) -> Self {
+        Self {
+            current: Mutex::new(Live {
+                version: 0,
+                scoring: camera.scoring.clone(),
+                alarm: camera.alarm.clone(),
+            }),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    fn get(&self) -> Live {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the settings. Returns whether they changed.
+    fn set(&self, scoring: &ScoringConfig, alarm: &AlarmConfig) -> bool {
+        let mut live = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.scoring == *scoring && live.alarm == *alarm {
+            return false;
+        }
+        live.version += 1;
+        live.scoring = scoring.clone();
+        live.alarm = alarm.clone();
+        self.version.store(live.version, Ordering::SeqCst);
+        true
+    }
+}
+
+/// Reads the config file again and hands each running camera its new scoring and alarm
+/// settings. Changes that need a new pipeline or a new process are logged and left for
+/// the next start. An invalid file changes nothing.
+fn reload(config: &Config, live: &[LiveSettings]) {
+    let Some(path) = &config.source else {
+        eprintln!("SIGHUP ignored: this run was not started from a config file");
+        return;
+    };
+    let updated = match Config::load(path) {
+        Ok(updated) => updated,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed");
+            eprintln!("cannot reload the config, the current settings stay: {e}");
+            return;
+        }
+    };
+    let mut changed = 0;
+    for (camera, live) in config.cameras.iter().zip(live) {
+        let Some(new) = updated.cameras.iter().find(|c| c.name == camera.name) else {
+            tracing::warn!(camera = %camera.name, "the camera is no longer in the config; it runs until patchflow restarts");
+            continue;
+        };
+        let mut later = Vec::new();
+        for (field, differs) in [
+            ("line", new.line != camera.line),
+            ("source", new.source != camera.source),
+            ("model", new.model != camera.model),
+            ("sink", new.sink != camera.sink),
+            ("restart", new.restart != camera.restart),
+            ("snapshot", new.snapshot != camera.snapshot),
+        ] {
+            if differs {
+                later.push(field);
+            }
+        }
+        if !later.is_empty() {
+            tracing::warn!(camera = %camera.name, settings = ?later, "these settings take effect when patchflow run starts again");
+        }
+        if live.set(&new.scoring, &new.alarm) {
+            changed += 1;
+            tracing::info!(camera = %camera.name, scoring = ?new.scoring, alarm = ?new.alarm, "reloaded scoring and alarm settings");
+        }
+    }
+    for new in &updated.cameras {
+        if !config.cameras.iter().any(|c| c.name == new.name) {
+            tracing::warn!(camera = %new.name, "new camera in the config; it starts when patchflow run starts again");
+        }
+    }
+    if updated.mqtt != config.mqtt {
+        tracing::warn!("MQTT settings take effect when patchflow run starts again");
+    }
+    eprintln!(
+        "reloaded {}: new scoring or alarm settings for {changed} of {} cameras",
+        path.display(),
+        config.cameras.len()
+    );
 }
 
 /// Runs every camera of `config` until all have ended (end of stream) or SIGINT or
@@ -133,6 +257,9 @@ pub fn run(
     super::ensure_element()?;
     let stop = stop_flag()?;
     stop.store(false, Ordering::SeqCst);
+    let reload_requested = reload_flag()?;
+    reload_requested.store(false, Ordering::SeqCst);
+    let live: Vec<LiveSettings> = config.cameras.iter().map(LiveSettings::new).collect();
     let output = match &config.mqtt {
         Some(mqtt) => Some(Output::start(mqtt).map_err(|e| anyhow!("cannot start MQTT: {e}"))?),
         None => None,
@@ -148,9 +275,10 @@ pub fn run(
     tracing::info!(cameras = config.cameras.len(), "starting cameras");
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for (camera, (_, counters)) in config.cameras.iter().zip(&counters) {
+        for ((camera, (_, counters)), live) in config.cameras.iter().zip(&counters).zip(&live) {
             let run = CameraRun {
                 camera,
+                live,
                 output: output.as_ref(),
                 counters,
                 stop: &stop,
@@ -168,6 +296,9 @@ pub fn run(
         }
         let mut announced = false;
         while !handles.iter().all(|h| h.is_finished()) {
+            if reload_requested.swap(false, Ordering::SeqCst) {
+                reload(config, &live);
+            }
             if stop.load(Ordering::SeqCst) && !announced {
                 eprintln!("interrupted: finishing every camera's stream");
                 announced = true;
@@ -216,6 +347,7 @@ impl Clock {
 /// One camera's thread.
 struct CameraRun<'a> {
     camera: &'a CameraConfig,
+    live: &'a LiveSettings,
     output: Option<&'a Output>,
     counters: &'a CameraCounters,
     stop: &'a AtomicBool,
@@ -230,6 +362,8 @@ struct Watch {
     snapshots: Option<Snapshots>,
     /// Number of the latest scored frame.
     last_frame: u64,
+    /// Version of the live settings that the tracker and the pipeline use.
+    applied: u64,
 }
 
 impl CameraRun<'_> {
@@ -253,6 +387,7 @@ impl CameraRun<'_> {
             last_score_message: None,
             snapshots: snapshot.enabled().then(|| Snapshots::new(snapshot.clone())),
             last_frame: 0,
+            applied: 0,
         };
         if let Some(output) = self.output {
             output.state(camera, watch.tracker.state());
@@ -325,7 +460,14 @@ impl CameraRun<'_> {
             std::fs::create_dir_all(folder)
                 .map_err(|e| format!("cannot create snapshot folder {folder}: {e}"))?;
         }
-        let description = pipeline::description(self.camera, staged.as_ref());
+        // A restarted pipeline takes the scoring settings of the latest reload.
+        let live = self.live.get();
+        self.apply_alarm(watch, &live);
+        let current = CameraConfig {
+            scoring: live.scoring,
+            ..self.camera.clone()
+        };
+        let description = pipeline::description(&current, staged.as_ref());
         tracing::info!(camera = %camera, line = %self.camera.line, pipeline = %description, "starting camera pipeline");
         let pipeline = gst::parse::launch(&description)
             .map_err(|e| format!("cannot build the pipeline: {e}"))?
@@ -361,6 +503,9 @@ impl CameraRun<'_> {
         let mut eos_deadline: Option<Instant> = None;
         let mut eos_sent = false;
         loop {
+            if self.live.version.load(Ordering::SeqCst) != watch.applied {
+                self.apply_live(pipeline, watch);
+            }
             if self.stopping() && eos_deadline.is_none() {
                 eos_deadline = Some(Instant::now() + EOS_TIMEOUT);
             }
@@ -402,6 +547,54 @@ impl CameraRun<'_> {
                 _ => {}
             }
         }
+    }
+
+    /// Hands the reloaded settings to the alarm tracker and the playing scorer.
+    fn apply_live(&self, pipeline: &gst::Pipeline, watch: &mut Watch) {
+        let live = self.live.get();
+        self.apply_alarm(watch, &live);
+        let Some(scorer) = pipeline.by_name(SCORER_NAME) else {
+            return;
+        };
+        let s = &live.scoring;
+        // The element keeps an explicit threshold once one is set, so a threshold removed
+        // from the config becomes the model's own one on the chosen scale.
+        let threshold = match s.threshold {
+            Some(threshold) => threshold,
+            None => match s.threshold_domain.parse::<ScoreDomain>().map(|domain| {
+                crate::checkpoint::read_meta(Path::new(&self.camera.model.path))
+                    .map(|meta| f64::from(meta.stats.threshold(domain)))
+            }) {
+                Ok(Ok(threshold)) => threshold,
+                Ok(Err(e)) => {
+                    tracing::error!(camera = %self.camera.name, error = %e, "cannot read the model's threshold; the scorer keeps its settings");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(camera = %self.camera.name, error = %e, "invalid threshold domain; the scorer keeps its settings");
+                    return;
+                }
+            },
+        };
+        scorer.set_property_from_str("threshold-domain", &s.threshold_domain);
+        scorer.set_property("threshold", threshold);
+        scorer.set_property("overlay", s.overlay);
+        scorer.set_property("alpha", s.alpha);
+        scorer.set_property_from_str("colormap", &s.colormap);
+        scorer.set_property("scoring-interval", s.interval);
+        tracing::info!(camera = %self.camera.name, threshold, domain = %s.threshold_domain, "applied the reloaded scoring settings");
+    }
+
+    /// Hands the alarm settings of `live` to the tracker, once per version.
+    fn apply_alarm(&self, watch: &mut Watch, live: &Live) {
+        if watch.applied == live.version {
+            return;
+        }
+        if let Err(e) = watch.tracker.reconfigure(&live.alarm) {
+            // The config check validated the settings, so this is not expected.
+            tracing::error!(camera = %self.camera.name, error = %e, "invalid reloaded alarm settings");
+        }
+        watch.applied = live.version;
     }
 
     /// Feeds one `patchflow` bus message to the counters, the alarm tracker and MQTT.
