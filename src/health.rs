@@ -180,6 +180,7 @@ pub struct CameraMetrics {
     max_normalized_score_bits: AtomicU64,
     frames_skipped: AtomicU64,
     events: AtomicU64,
+    snapshots: AtomicU64,
     anomalous: AtomicBool,
     last_inference_ns: AtomicU64,
     inference_total_ns: AtomicU64,
@@ -242,6 +243,11 @@ impl CameraMetrics {
         self.events.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `count` event snapshot files written.
+    pub fn record_snapshots(&self, count: u64) {
+        self.snapshots.fetch_add(count, Ordering::Relaxed);
+    }
+
     /// Sets the camera's current state: anomalous or ok.
     pub fn set_anomalous(&self, anomalous: bool) {
         self.anomalous.store(anomalous, Ordering::Relaxed);
@@ -299,6 +305,7 @@ impl CameraMetrics {
             ),
             frames_skipped: self.frames_skipped.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
             anomalous: self.anomalous.load(Ordering::Relaxed),
             last_inference_ms: self.last_inference_ns.load(Ordering::Relaxed) as f64 / 1e6,
             mean_inference_ms,
@@ -327,6 +334,8 @@ pub struct CameraSnapshot {
     pub max_normalized_score: f64,
     pub frames_skipped: u64,
     pub events: u64,
+    /// Event snapshot files written.
+    pub snapshots: u64,
     pub anomalous: bool,
     /// Inference time of the most recently scored frame, in milliseconds.
     pub last_inference_ms: f64,
@@ -500,6 +509,12 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "Anomaly events raised.",
         value: |c| Value::Count(c.events),
+    },
+    Family {
+        name: "patchflow_snapshots_total",
+        kind: "counter",
+        help: "Event snapshot files written.",
+        value: |c| Value::Count(c.snapshots),
     },
     Family {
         name: "patchflow_frames_per_second",
@@ -1452,6 +1467,7 @@ mod tests {
         camera.record_skipped(start);
         camera.record_skipped_frames(4, start);
         camera.record_event();
+        camera.record_snapshots(3);
         camera.set_anomalous(true);
         camera.record_restart();
         camera.set_mqtt_stats(&PublisherStats {
@@ -1469,6 +1485,7 @@ mod tests {
         assert_eq!(snapshot.max_normalized_score, 0.9);
         assert_eq!(snapshot.frames_skipped, 5);
         assert_eq!(snapshot.events, 1);
+        assert_eq!(snapshot.snapshots, 3);
         assert!(snapshot.anomalous);
         assert_eq!(snapshot.last_inference_ms, 12.5);
         assert!((snapshot.mean_inference_ms - 42.5 / 3.0).abs() < 1e-9);
@@ -1811,6 +1828,7 @@ mod tests {
         busy.record_skipped(now);
         busy.record_skipped(now);
         busy.record_event();
+        busy.record_snapshots(2);
         busy.set_anomalous(true);
         busy.record_restart();
         busy.set_mqtt_stats(&PublisherStats {
@@ -1840,6 +1858,7 @@ mod tests {
             ("patchflow_normalized_score_max", "gauge", 0.75, 0.0),
             ("patchflow_frames_skipped_total", "counter", 2.0, 0.0),
             ("patchflow_events_total", "counter", 1.0, 0.0),
+            ("patchflow_snapshots_total", "counter", 2.0, 0.0),
             ("patchflow_inference_last_milliseconds", "gauge", 12.5, 0.0),
             ("patchflow_mqtt_queue_depth", "gauge", 7.0, 0.0),
             ("patchflow_mqtt_published_total", "counter", 40.0, 0.0),

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! The config file: `[defaults]`, `[mqtt]` and `[[lines]]` with `[[lines.cameras]]`, read
-//! into one [`CameraConfig`] per camera.
+//! The config file: `[defaults]`, `[mqtt]`, `[health]` and `[[lines]]` with
+//! `[[lines.cameras]]`, read into one [`CameraConfig`] per camera.
 //!
 //! `model`, `scoring`, `alarm` and `restart` merge key by key: a camera's value wins over
 //! its line's, which wins over `[defaults]`, which wins over the built-in default. `sink`
@@ -9,6 +9,7 @@
 //! `lines[0].cameras[1].scoring.threshold` or `defaults.alarm.raise_frames`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -26,11 +27,14 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// A whole config file: every camera with its settings resolved, and the MQTT output.
+/// A whole config file: every camera with its settings resolved, the MQTT output and the
+/// health endpoint.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `None` publishes nothing.
     pub mqtt: Option<MqttConfig>,
+    /// `None` serves no health or metrics endpoint.
+    pub health: Option<HealthConfig>,
     pub cameras: Vec<CameraConfig>,
 }
 
@@ -486,6 +490,39 @@ impl MqttConfig {
     }
 }
 
+/// The HTTP endpoint that serves `/health` and `/metrics` while `patchflow run` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `false` serves nothing, like leaving the section out.
+    pub enabled: bool,
+    /// `IP:PORT` to listen on. Port 0 picks a free port, which the run prints.
+    pub address: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: crate::health::DEFAULT_ADDR.into(),
+        }
+    }
+}
+
+impl HealthConfig {
+    fn problems(&self, p: &mut Problems) {
+        if self.address.parse::<SocketAddr>().is_err() {
+            p.push(
+                "health.address",
+                format!(
+                    "{:?} is not an IP address and port: expected IP:PORT such as 127.0.0.1:9464 or [::1]:9464 (port 0 picks a free port)",
+                    self.address
+                ),
+            );
+        }
+    }
+}
+
 /// Problems found so far, in order and without repeats. A problem in `[defaults]`
 /// concerns every camera but is listed once.
 #[derive(Debug, Default)]
@@ -596,12 +633,12 @@ impl Config {
         let root = value.as_table().cloned().unwrap_or_default();
 
         for key in root.keys() {
-            if !["defaults", "mqtt", "lines"].contains(&key.as_str()) {
+            if !["defaults", "mqtt", "health", "lines"].contains(&key.as_str()) {
                 let hint = if ["name", "source", "model", "scoring", "sink"].contains(&key.as_str())
                 {
                     ": settings of a line go under [[lines]], cameras under [[lines.cameras]] and shared settings under [defaults] (see `patchflow config example`)"
                 } else {
-                    ": expected defaults, mqtt or lines"
+                    ": expected defaults, mqtt, health or lines"
                 };
                 p.push(key, format!("unknown key{hint}"));
             }
@@ -628,6 +665,8 @@ impl Config {
             mqtt.problems(&mut p);
             Some(mqtt)
         });
+
+        let health = parse_health(&root, &mut p);
 
         let lines = match root.get("lines") {
             Some(toml::Value::Array(lines)) => lines.as_slice(),
@@ -722,11 +761,29 @@ impl Config {
         }
 
         if p.list.is_empty() {
-            Ok(Config { mqtt, cameras })
+            Ok(Config {
+                mqtt,
+                health,
+                cameras,
+            })
         } else {
             Err(p.list)
         }
     }
+}
+
+/// Reads `[health]`, key by key so that each invalid key is named. Returns `None` when the
+/// section is missing, invalid or disabled.
+fn parse_health(root: &toml::Table, p: &mut Problems) -> Option<HealthConfig> {
+    let before = p.list.len();
+    check_merged::<HealthConfig>(root, "", "health", p);
+    let section = root.get("health")?;
+    if p.list.len() > before {
+        return None;
+    }
+    let health: HealthConfig = parse_whole(section, "health", p)?;
+    health.problems(p);
+    (p.list.len() == before && health.enabled).then_some(health)
 }
 
 /// Returns the table under `key`, reporting a value of another type.
@@ -1452,6 +1509,78 @@ ca_file = "ca.pem""#,
         assert!(problem.contains("host name"), "{problem}");
     }
 
+    fn health_section(text: &str) -> (Option<HealthConfig>, Vec<String>) {
+        let root: toml::Table = toml::from_str(text).unwrap();
+        let mut p = Problems::default();
+        let health = parse_health(&root, &mut p);
+        (health, p.list)
+    }
+
+    #[test]
+    fn health_section_defaults_to_loopback() {
+        let (health, found) = health_section("[health]\n");
+        assert!(found.is_empty(), "{found:#?}");
+        let health = health.expect("an empty [health] serves");
+        assert_eq!(health.address, "127.0.0.1:9464");
+        assert!(health.enabled);
+
+        let (health, found) = health_section("[health]\naddress = \"[::1]:0\"\n");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health.map(|h| h.address).as_deref(), Some("[::1]:0"));
+    }
+
+    #[test]
+    fn health_section_missing_or_disabled_serves_nothing() {
+        let (health, found) = health_section("");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health, None);
+
+        let (health, found) =
+            health_section("[health]\nenabled = false\naddress = \"127.0.0.1:9000\"\n");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health, None);
+    }
+
+    #[test]
+    fn health_problems_are_listed() {
+        let cases = [
+            ("address = \"localhost:9464\"", "health.address", "IP:PORT"),
+            ("address = \"127.0.0.1\"", "health.address", "IP:PORT"),
+            ("address = \"127.0.0.1:70000\"", "health.address", "IP:PORT"),
+            ("address = 9464", "health.address", "string"),
+            ("enabled = \"yes\"", "health.enabled", "bool"),
+            ("adress = \"127.0.0.1:0\"", "health.adress", "unknown field"),
+        ];
+        for (line, field, reason) in cases {
+            let (health, found) = health_section(&format!("[health]\n{line}\n"));
+            assert_eq!(health, None, "{line}");
+            assert_listed(&found, field);
+            assert!(
+                found.iter().any(|p| p.contains(reason)),
+                "{line}: {reason} missing from {found:#?}"
+            );
+        }
+
+        let (_, found) = health_section("health = 1\n");
+        assert_listed(&found, "health");
+    }
+
+    #[test]
+    fn health_problems_reach_config_check() {
+        let found = problems(
+            r#"
+[health]
+address = "nowhere"
+[[lines]]
+name = "a"
+[[lines.cameras]]
+name = "cam"
+source = { kind = "test" }
+"#,
+        );
+        assert_listed(&found, "health.address");
+    }
+
     #[test]
     fn snapshot_problems_are_listed() {
         let found = problems(
@@ -1495,6 +1624,8 @@ snapshot = { jpeg = true }
         check_sections(root["defaults"].as_table().unwrap(), "defaults", &mut p);
         let mqtt: MqttConfig = root["mqtt"].clone().try_into().unwrap();
         assert_eq!(mqtt.prefix, "patchflow");
+        let health = parse_health(root, &mut p).expect("the example serves health");
+        assert_eq!(health, HealthConfig::default());
         assert!(p.list.is_empty(), "{:#?}", p.list);
         let found =
             Config::parse(super::super::EXAMPLE_CONFIG, Path::new("/nonexistent")).unwrap_err();

@@ -114,6 +114,11 @@ impl Output {
         (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate))
     }
 
+    /// Returns the publisher's current counters.
+    pub fn stats(&self) -> PublisherStats {
+        self.publisher.stats()
+    }
+
     pub fn url(&self) -> &str {
         &self.config.url
     }
