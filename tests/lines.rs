@@ -977,6 +977,57 @@ source = {{ kind = "images", location = "cells/%03d.png", framerate = 10, loop =
 }
 
 #[test]
+fn newest_mode_reports_skipped_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[defaults.model]
+path = "{}"
+{}
+[health]
+address = "127.0.0.1:0"
+
+[[lines]]
+name = "l"
+[[lines.cameras]]
+name = "live"
+source = {{ kind = "test", num_buffers = 1000000, width = 64, height = 64, framerate = 400, is_live = true }}
+scoring = {{ mode = "newest" }}
+"#,
+            model.display(),
+            mqtt_section("pf7", ""),
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    let address = health_address(dir.path(), Duration::from_secs(60));
+    // At 400 frames a second, frames are skipped whenever scoring takes longer than 2.5 ms.
+    // The 64x64 model took about 20 ms a frame on the 2-core development machine.
+    let metrics = wait_for_metrics(&address, dir.path(), Duration::from_secs(60), |m| {
+        metric(m, "patchflow_frames_scored_total", "live").unwrap_or(0.0) >= 5.0
+            && metric(m, "patchflow_frames_skipped_total", "live").unwrap_or(0.0) >= 5.0
+    });
+    let fps = metric(&metrics, "patchflow_frames_per_second", "live").unwrap();
+    assert!(fps > 0.0, "{metrics}");
+    let (status, _) = http_get(&address, "/health");
+    assert_eq!(status, 200);
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{log}");
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("camera live "))
+        .unwrap_or_default();
+    assert!(!summary.contains(" 0 skipped"), "{log}");
+}
+
+#[test]
 fn busy_health_port_fails_run() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path());

@@ -87,6 +87,10 @@ pub enum SourceConfig {
         framerate: u32,
         #[serde(default)]
         pattern: Option<String>,
+        /// Produce frames at `framerate` in real time, as a camera does, instead of as
+        /// fast as the pipeline takes them.
+        #[serde(default)]
+        is_live: bool,
     },
 }
 
@@ -127,9 +131,16 @@ pub struct ScoringConfig {
     pub overlay: bool,
     pub alpha: f64,
     pub colormap: String,
-    /// Score every Nth frame. The frames in between get the last heatmap.
+    /// Score every Nth frame. The frames in between get the last heatmap. Ignored with
+    /// `mode = "newest"`.
     pub interval: u32,
+    /// The element's `scoring-mode`: `interval` scores on the streaming thread, `newest`
+    /// scores the newest frame on a worker thread and never holds up the source.
+    pub mode: String,
 }
+
+/// Values of `scoring.mode`, as the element's `scoring-mode` property spells them.
+const SCORING_MODES: [&str; 2] = ["interval", "newest"];
 
 impl Default for ScoringConfig {
     fn default() -> Self {
@@ -140,6 +151,7 @@ impl Default for ScoringConfig {
             alpha: 0.5,
             colormap: "jet".into(),
             interval: 1,
+            mode: "interval".into(),
         }
     }
 }
@@ -1113,6 +1125,16 @@ impl CameraConfig {
                 format!("{} must be from 1 (every frame) to 1000", s.interval),
             ));
         }
+        if !SCORING_MODES.contains(&s.mode.as_str()) {
+            p.push((
+                "scoring",
+                "mode",
+                format!(
+                    "{:?}: expected interval (every Nth frame, on the streaming thread) or newest (the newest frame, on a worker thread)",
+                    s.mode
+                ),
+            ));
+        }
         if !["jet", "hot"].contains(&s.colormap.as_str()) {
             p.push((
                 "scoring",
@@ -1617,6 +1639,48 @@ snapshot = { jpeg = true }
     }
 
     #[test]
+    fn scoring_mode_is_checked() {
+        let found = problems(
+            r#"
+[[lines]]
+name = "a"
+[[lines.cameras]]
+name = "good"
+source = { kind = "test", is_live = true }
+scoring = { mode = "newest" }
+[[lines.cameras]]
+name = "bad-mode"
+source = { kind = "test" }
+scoring = { mode = "latest" }
+[[lines.cameras]]
+name = "bad-live"
+source = { kind = "test", is_live = "yes" }
+"#,
+        );
+        assert_listed(&found, "lines[0].cameras[1].scoring.mode");
+        assert_listed(&found, "lines[0].cameras[2].source");
+        assert!(
+            !found
+                .iter()
+                .any(|p| p.starts_with("lines[0].cameras[0].scoring")
+                    || p.starts_with("lines[0].cameras[0].source")),
+            "{found:#?}"
+        );
+        let mode = found
+            .iter()
+            .find(|p| p.starts_with("lines[0].cameras[1].scoring.mode"))
+            .unwrap();
+        assert!(mode.contains("\"latest\""), "{mode}");
+        assert!(mode.contains("interval"), "{mode}");
+        assert!(mode.contains("newest"), "{mode}");
+    }
+
+    #[test]
+    fn scoring_mode_defaults_to_interval() {
+        assert_eq!(ScoringConfig::default().mode, "interval");
+    }
+
+    #[test]
     fn example_config_parses() {
         let value: toml::Value = toml::from_str(super::super::EXAMPLE_CONFIG).unwrap();
         let mut p = Problems::default();
@@ -1626,6 +1690,8 @@ snapshot = { jpeg = true }
         assert_eq!(mqtt.prefix, "patchflow");
         let health = parse_health(root, &mut p).expect("the example serves health");
         assert_eq!(health, HealthConfig::default());
+        let scoring: ScoringConfig = root["defaults"]["scoring"].clone().try_into().unwrap();
+        assert_eq!(scoring.mode, "interval");
         assert!(p.list.is_empty(), "{:#?}", p.list);
         let found =
             Config::parse(super::super::EXAMPLE_CONFIG, Path::new("/nonexistent")).unwrap_err();
