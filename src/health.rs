@@ -175,8 +175,12 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct CameraMetrics {
     frames_scored: AtomicU64,
+    frames_anomalous: AtomicU64,
+    /// Bits of the highest normalised score as an `f64`, 0.0 before the first frame.
+    max_normalized_score_bits: AtomicU64,
     frames_skipped: AtomicU64,
     events: AtomicU64,
+    snapshots: AtomicU64,
     anomalous: AtomicBool,
     last_inference_ns: AtomicU64,
     inference_total_ns: AtomicU64,
@@ -201,17 +205,47 @@ impl CameraMetrics {
         self.frame_times.push(at);
     }
 
+    /// Records the decision on a scored frame: its normalised score, which raises the
+    /// maximum, and whether it is above the threshold. NaN scores leave the maximum as it is.
+    pub fn record_score(&self, normalized_score: f64, is_anomalous: bool) {
+        if is_anomalous {
+            self.frames_anomalous.fetch_add(1, Ordering::Relaxed);
+        }
+        // fetch_update retries when another thread raised the maximum in between.
+        let _ = self.max_normalized_score_bits.fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |bits| (normalized_score > f64::from_bits(bits)).then(|| normalized_score.to_bits()),
+        );
+    }
+
     /// Counts a frame that arrived at `at` and was passed on without scoring.
     ///
     /// Skipped frames count towards the fps gauge, which measures the input rate.
     pub fn record_skipped(&self, at: Instant) {
-        self.frames_skipped.fetch_add(1, Ordering::Relaxed);
-        self.frame_times.push(at);
+        self.record_skipped_frames(1, at);
+    }
+
+    /// Counts `count` frames passed on without scoring, all taken as arriving at `at`.
+    ///
+    /// For a skip counter that is read periodically rather than per frame. Within the fps
+    /// window the rate stays right, because the gauge divides a frame count by a time span.
+    pub fn record_skipped_frames(&self, count: u64, at: Instant) {
+        self.frames_skipped.fetch_add(count, Ordering::Relaxed);
+        // More than FPS_MAX_SAMPLES equal times would only push older ones out of the queue.
+        for _ in 0..count.min(FPS_MAX_SAMPLES as u64) {
+            self.frame_times.push(at);
+        }
     }
 
     /// Counts an anomaly event raised for this camera.
     pub fn record_event(&self) {
         self.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `count` event snapshot files written.
+    pub fn record_snapshots(&self, count: u64) {
+        self.snapshots.fetch_add(count, Ordering::Relaxed);
     }
 
     /// Sets the camera's current state: anomalous or ok.
@@ -265,8 +299,13 @@ impl CameraMetrics {
         };
         CameraSnapshot {
             frames_scored,
+            frames_anomalous: self.frames_anomalous.load(Ordering::Relaxed),
+            max_normalized_score: f64::from_bits(
+                self.max_normalized_score_bits.load(Ordering::Relaxed),
+            ),
             frames_skipped: self.frames_skipped.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
             anomalous: self.anomalous.load(Ordering::Relaxed),
             last_inference_ms: self.last_inference_ns.load(Ordering::Relaxed) as f64 / 1e6,
             mean_inference_ms,
@@ -289,8 +328,14 @@ impl CameraMetrics {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CameraSnapshot {
     pub frames_scored: u64,
+    /// Scored frames above the threshold.
+    pub frames_anomalous: u64,
+    /// Highest normalised score of a scored frame, 0 before the first one.
+    pub max_normalized_score: f64,
     pub frames_skipped: u64,
     pub events: u64,
+    /// Event snapshot files written.
+    pub snapshots: u64,
     pub anomalous: bool,
     /// Inference time of the most recently scored frame, in milliseconds.
     pub last_inference_ms: f64,
@@ -442,6 +487,18 @@ const FAMILIES: &[Family] = &[
         value: |c| Value::Count(c.frames_scored),
     },
     Family {
+        name: "patchflow_frames_anomalous_total",
+        kind: "counter",
+        help: "Scored frames above the threshold.",
+        value: |c| Value::Count(c.frames_anomalous),
+    },
+    Family {
+        name: "patchflow_normalized_score_max",
+        kind: "gauge",
+        help: "Highest normalised score of a scored frame since the start (0 to 1).",
+        value: |c| Value::Real(c.max_normalized_score),
+    },
+    Family {
         name: "patchflow_frames_skipped_total",
         kind: "counter",
         help: "Frames passed on without scoring.",
@@ -452,6 +509,12 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "Anomaly events raised.",
         value: |c| Value::Count(c.events),
+    },
+    Family {
+        name: "patchflow_snapshots_total",
+        kind: "counter",
+        help: "Event snapshot files written.",
+        value: |c| Value::Count(c.snapshots),
     },
     Family {
         name: "patchflow_frames_per_second",
@@ -474,19 +537,19 @@ const FAMILIES: &[Family] = &[
     Family {
         name: "patchflow_mqtt_queue_depth",
         kind: "gauge",
-        help: "Messages waiting in the MQTT publisher's queue.",
+        help: "Messages waiting in the MQTT publisher's queue, shared by all cameras of the process.",
         value: |c| Value::Count(c.mqtt_queue_depth),
     },
     Family {
         name: "patchflow_mqtt_published_total",
         kind: "counter",
-        help: "MQTT messages published.",
+        help: "MQTT messages published by the publisher shared by all cameras of the process.",
         value: |c| Value::Count(c.mqtt_published),
     },
     Family {
         name: "patchflow_mqtt_dropped_total",
         kind: "counter",
-        help: "MQTT messages dropped.",
+        help: "MQTT messages dropped by the publisher shared by all cameras of the process.",
         value: |c| Value::Count(c.mqtt_dropped),
     },
     Family {
@@ -1398,8 +1461,13 @@ mod tests {
         camera.record_scored(start, Duration::from_millis(10));
         camera.record_scored(start, Duration::from_millis(20));
         camera.record_scored(start, Duration::from_micros(12_500));
+        camera.record_score(0.9, true);
+        camera.record_score(f64::NAN, false);
+        camera.record_score(0.4, false);
         camera.record_skipped(start);
+        camera.record_skipped_frames(4, start);
         camera.record_event();
+        camera.record_snapshots(3);
         camera.set_anomalous(true);
         camera.record_restart();
         camera.set_mqtt_stats(&PublisherStats {
@@ -1413,8 +1481,11 @@ mod tests {
 
         let snapshot = camera.snapshot(start);
         assert_eq!(snapshot.frames_scored, 3);
-        assert_eq!(snapshot.frames_skipped, 1);
+        assert_eq!(snapshot.frames_anomalous, 1);
+        assert_eq!(snapshot.max_normalized_score, 0.9);
+        assert_eq!(snapshot.frames_skipped, 5);
         assert_eq!(snapshot.events, 1);
+        assert_eq!(snapshot.snapshots, 3);
         assert!(snapshot.anomalous);
         assert_eq!(snapshot.last_inference_ms, 12.5);
         assert!((snapshot.mean_inference_ms - 42.5 / 3.0).abs() < 1e-9);
@@ -1489,6 +1560,23 @@ mod tests {
         }
         let fps = camera.snapshot(base + interval * 29).fps;
         assert!((fps - 10.0).abs() < 1e-9, "fps: {fps}");
+    }
+
+    #[test]
+    fn fps_counts_batched_skips() {
+        let camera = CameraMetrics::default();
+        let base = Instant::now();
+        // 10 scored frames a second, and 15 skipped frames counted every 500 ms: 40 fps.
+        for i in 0..100 {
+            let at = base + Duration::from_millis(100) * i;
+            camera.record_scored(at, Duration::ZERO);
+            if i % 5 == 4 {
+                camera.record_skipped_frames(15, at);
+            }
+        }
+        let fps = camera.snapshot(base + Duration::from_millis(9900)).fps;
+        assert!((fps - 40.0).abs() < 4.0, "fps: {fps}");
+        assert_eq!(camera.snapshot(base).frames_skipped, 300);
     }
 
     #[test]
@@ -1571,6 +1659,7 @@ mod tests {
                     for frame in 0..FRAMES {
                         let at = base + Duration::from_micros(frame);
                         camera.record_scored(at, Duration::from_nanos(thread + 1));
+                        camera.record_score((thread * FRAMES + frame) as f64, frame % 2 == 0);
                         camera.record_skipped(at);
                         camera.record_event();
                         camera.record_restart();
@@ -1586,6 +1675,12 @@ mod tests {
 
         let snapshot = registry.camera("cam-1").snapshot(Instant::now());
         assert_eq!(snapshot.frames_scored, THREADS * FRAMES);
+        assert_eq!(snapshot.frames_anomalous, THREADS * FRAMES / 2);
+        assert_eq!(
+            snapshot.max_normalized_score,
+            (THREADS * FRAMES - 1) as f64,
+            "highest score of any thread"
+        );
         assert_eq!(snapshot.frames_skipped, THREADS * FRAMES);
         assert_eq!(snapshot.events, THREADS * FRAMES);
         assert_eq!(snapshot.source_restarts, THREADS * FRAMES);
@@ -1728,9 +1823,12 @@ mod tests {
         busy.record_scored(now, Duration::from_millis(10));
         busy.record_scored(now, Duration::from_millis(20));
         busy.record_scored(now, Duration::from_micros(12_500));
+        busy.record_score(0.25, false);
+        busy.record_score(0.75, true);
         busy.record_skipped(now);
         busy.record_skipped(now);
         busy.record_event();
+        busy.record_snapshots(2);
         busy.set_anomalous(true);
         busy.record_restart();
         busy.set_mqtt_stats(&PublisherStats {
@@ -1756,8 +1854,11 @@ mod tests {
             ("patchflow_up", "gauge", 1.0, 0.0),
             ("patchflow_anomalous", "gauge", 1.0, 0.0),
             ("patchflow_frames_scored_total", "counter", 3.0, 0.0),
+            ("patchflow_frames_anomalous_total", "counter", 1.0, 0.0),
+            ("patchflow_normalized_score_max", "gauge", 0.75, 0.0),
             ("patchflow_frames_skipped_total", "counter", 2.0, 0.0),
             ("patchflow_events_total", "counter", 1.0, 0.0),
+            ("patchflow_snapshots_total", "counter", 2.0, 0.0),
             ("patchflow_inference_last_milliseconds", "gauge", 12.5, 0.0),
             ("patchflow_mqtt_queue_depth", "gauge", 7.0, 0.0),
             ("patchflow_mqtt_published_total", "counter", 40.0, 0.0),

@@ -848,3 +848,288 @@ source = {{ kind = "test", num_buffers = 30, width = 64, height = 64 }}
     );
     assert_eq!(subscriber.collect_for(Duration::from_millis(300)), []);
 }
+
+/// Waits for the line in which `patchflow run` prints its health address and returns the
+/// address, `IP:PORT`.
+fn health_address(dir: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = run_log(dir);
+        let address = log
+            .lines()
+            .find_map(|line| line.strip_prefix("serving health on http://"))
+            .and_then(|rest| rest.split_once("/health"))
+            .map(|(address, _)| address.to_owned());
+        if let Some(address) = address {
+            return address;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health address printed: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `GET path` over a plain TCP connection and returns the status code and the body.
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {response:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// Returns the value of the sample `name{camera="camera"}` in a Prometheus exposition.
+fn metric(exposition: &str, name: &str, camera: &str) -> Option<f64> {
+    let prefix = format!("{name}{{camera=\"{camera}\"}} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map(|value| value.parse().unwrap())
+}
+
+/// Fetches `/metrics` until `done` accepts it, and returns that exposition.
+fn wait_for_metrics(
+    address: &str,
+    dir: &Path,
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = http_get(address, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics did not reach the expected values within {timeout:?}:\n{body}\nlog:\n{}",
+            run_log(dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Fetches `/health` until it returns `status`, and returns the body as JSON.
+fn wait_for_health(address: &str, dir: &Path, status: u16, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (got, body) = http_get(address, "/health");
+        if got == status {
+            return serde_json::from_str(&body).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health still {got} after {timeout:?}, expected {status}: {body}\nlog:\n{}",
+            run_log(dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn health_endpoints_follow_cameras() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[defaults.model]
+path = "{}"
+[defaults.restart]
+initial_delay = 0.2
+max_delay = 0.4
+{}
+[health]
+address = "127.0.0.1:0"
+
+[[lines]]
+name = "l"
+[[lines.cameras]]
+name = "steady"
+source = {{ kind = "test", num_buffers = 1000000, width = 64, height = 64, framerate = 20 }}
+scoring = {{ interval = 2 }}
+[[lines.cameras]]
+name = "cells"
+source = {{ kind = "images", location = "cells/%03d.png", framerate = 10, loop = true }}
+"#,
+            model.display(),
+            mqtt_section("pf8", "score_max_rate = 5.0"),
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    let address = health_address(dir.path(), Duration::from_secs(60));
+    assert!(
+        address.starts_with("127.0.0.1:") && !address.ends_with(":0"),
+        "{address}"
+    );
+
+    // The cells camera has no images yet, so its pipeline fails and restarts.
+    let metrics = wait_for_metrics(&address, dir.path(), Duration::from_secs(60), |m| {
+        metric(m, "patchflow_frames_scored_total", "steady").unwrap_or(0.0) >= 2.0
+            && metric(m, "patchflow_source_restarts_total", "cells").unwrap_or(0.0) >= 2.0
+    });
+    for camera in ["steady", "cells"] {
+        assert!(
+            metric(&metrics, "patchflow_up", camera).is_some(),
+            "no patchflow_up for {camera}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        metric(&metrics, "patchflow_frames_scored_total", "cells"),
+        Some(0.0)
+    );
+    let health = wait_for_health(&address, dir.path(), 503, Duration::from_secs(10));
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["cameras"]["steady"]["running"], true);
+    assert_eq!(health["cameras"]["cells"]["running"], false);
+    let error = health["cameras"]["cells"]["last_error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no last error: {health}"));
+    assert!(!error.is_empty());
+
+    // Frames scored keep growing, and with interval = 2 every other frame is skipped.
+    let before = metric(&metrics, "patchflow_frames_scored_total", "steady").unwrap();
+    let later = wait_for_metrics(&address, dir.path(), Duration::from_secs(30), |m| {
+        metric(m, "patchflow_frames_scored_total", "steady").unwrap() > before + 5.0
+            && metric(m, "patchflow_frames_skipped_total", "steady").unwrap() > 0.0
+    });
+    assert!(metric(&later, "patchflow_frames_per_second", "steady").unwrap() > 0.0);
+    assert!(metric(&later, "patchflow_inference_mean_milliseconds", "steady").unwrap() > 0.0);
+    assert!(metric(&later, "patchflow_mqtt_published_total", "steady").unwrap() > 0.0);
+    assert_eq!(
+        metric(&later, "patchflow_mqtt_dropped_total", "steady"),
+        Some(0.0)
+    );
+
+    // The images appear: the next restart plays them in a loop and every camera runs.
+    write_frames(
+        &dir.path().join("cells"),
+        5,
+        ("gravel.png", "gravel.png"),
+        0..0,
+    );
+    let health = wait_for_health(&address, dir.path(), 200, Duration::from_secs(30));
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["cameras"]["cells"]["running"], true);
+    wait_for_metrics(&address, dir.path(), Duration::from_secs(30), |m| {
+        metric(m, "patchflow_frames_scored_total", "cells").unwrap() >= 5.0
+    });
+
+    // Without its images, the looping source ends its stream and the camera stops.
+    std::fs::remove_dir_all(dir.path().join("cells")).unwrap();
+    let health = wait_for_health(&address, dir.path(), 503, Duration::from_secs(30));
+    assert_eq!(health["cameras"]["cells"]["running"], false);
+    assert_eq!(health["cameras"]["steady"]["running"], true);
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{log}");
+    let cells_summary = log
+        .lines()
+        .find(|l| l.starts_with("camera cells "))
+        .unwrap_or_default();
+    assert!(!cells_summary.contains(" 0 restarts"), "{log}");
+    assert!(
+        std::net::TcpStream::connect(&address).is_err(),
+        "the health endpoint still listens after the run"
+    );
+}
+
+#[test]
+fn newest_mode_reports_skipped_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let broker = Broker::start();
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[defaults.model]
+path = "{}"
+{}
+[health]
+address = "127.0.0.1:0"
+
+[[lines]]
+name = "l"
+[[lines.cameras]]
+name = "live"
+source = {{ kind = "test", num_buffers = 1000000, width = 64, height = 64, framerate = 400, is_live = true }}
+scoring = {{ mode = "newest" }}
+"#,
+            model.display(),
+            mqtt_section("pf7", ""),
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&config, dir.path(), &broker);
+    let address = health_address(dir.path(), Duration::from_secs(60));
+    // At 400 frames a second, frames are skipped whenever scoring takes longer than 2.5 ms.
+    // The 64x64 model took about 20 ms a frame on the 2-core development machine.
+    let metrics = wait_for_metrics(&address, dir.path(), Duration::from_secs(60), |m| {
+        metric(m, "patchflow_frames_scored_total", "live").unwrap_or(0.0) >= 5.0
+            && metric(m, "patchflow_frames_skipped_total", "live").unwrap_or(0.0) >= 5.0
+    });
+    let fps = metric(&metrics, "patchflow_frames_per_second", "live").unwrap();
+    assert!(fps > 0.0, "{metrics}");
+    let (status, _) = http_get(&address, "/health");
+    assert_eq!(status, 200);
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30), dir.path());
+    let log = run_log(dir.path());
+    assert!(status.success(), "{log}");
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("camera live "))
+        .unwrap_or_default();
+    assert!(!summary.contains(" 0 skipped"), "{log}");
+}
+
+#[test]
+fn busy_health_port_fails_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path());
+    let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = occupant.local_addr().unwrap().to_string();
+    let config = dir.path().join("lines.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[defaults.model]\npath = \"{}\"\n[health]\naddress = \"{address}\"\n[[lines]]\nname = \"l\"\n{}",
+            model.display(),
+            endless_camera("cam")
+        ),
+    )
+    .unwrap();
+    let out = patchflow().arg("run").arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&address), "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+    assert!(stderr.contains("health.address"), "{stderr}");
+    assert!(!stderr.contains("frames scored"), "{stderr}");
+}

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! The config file: `[defaults]`, `[mqtt]` and `[[lines]]` with `[[lines.cameras]]`, read
-//! into one [`CameraConfig`] per camera.
+//! The config file: `[defaults]`, `[mqtt]`, `[health]` and `[[lines]]` with
+//! `[[lines.cameras]]`, read into one [`CameraConfig`] per camera.
 //!
 //! `model`, `scoring`, `alarm` and `restart` merge key by key: a camera's value wins over
 //! its line's, which wins over `[defaults]`, which wins over the built-in default. `sink`
@@ -9,6 +9,7 @@
 //! `lines[0].cameras[1].scoring.threshold` or `defaults.alarm.raise_frames`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -26,11 +27,14 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// A whole config file: every camera with its settings resolved, and the MQTT output.
+/// A whole config file: every camera with its settings resolved, the MQTT output and the
+/// health endpoint.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `None` publishes nothing.
     pub mqtt: Option<MqttConfig>,
+    /// `None` serves no health or metrics endpoint.
+    pub health: Option<HealthConfig>,
     pub cameras: Vec<CameraConfig>,
     /// The file the config was read from, which `patchflow run` reads again on SIGHUP.
     pub source: Option<PathBuf>,
@@ -85,6 +89,10 @@ pub enum SourceConfig {
         framerate: u32,
         #[serde(default)]
         pattern: Option<String>,
+        /// Produce frames at `framerate` in real time, as a camera does, instead of as
+        /// fast as the pipeline takes them.
+        #[serde(default)]
+        is_live: bool,
     },
 }
 
@@ -125,9 +133,16 @@ pub struct ScoringConfig {
     pub overlay: bool,
     pub alpha: f64,
     pub colormap: String,
-    /// Score every Nth frame. The frames in between get the last heatmap.
+    /// Score every Nth frame. The frames in between get the last heatmap. Ignored with
+    /// `mode = "newest"`.
     pub interval: u32,
+    /// The element's `scoring-mode`: `interval` scores on the streaming thread, `newest`
+    /// scores the newest frame on a worker thread and never holds up the source.
+    pub mode: String,
 }
+
+/// Values of `scoring.mode`, as the element's `scoring-mode` property spells them.
+const SCORING_MODES: [&str; 2] = ["interval", "newest"];
 
 impl Default for ScoringConfig {
     fn default() -> Self {
@@ -138,6 +153,7 @@ impl Default for ScoringConfig {
             alpha: 0.5,
             colormap: "jet".into(),
             interval: 1,
+            mode: "interval".into(),
         }
     }
 }
@@ -488,6 +504,39 @@ impl MqttConfig {
     }
 }
 
+/// The HTTP endpoint that serves `/health` and `/metrics` while `patchflow run` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `false` serves nothing, like leaving the section out.
+    pub enabled: bool,
+    /// `IP:PORT` to listen on. Port 0 picks a free port, which the run prints.
+    pub address: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: crate::health::DEFAULT_ADDR.into(),
+        }
+    }
+}
+
+impl HealthConfig {
+    fn problems(&self, p: &mut Problems) {
+        if self.address.parse::<SocketAddr>().is_err() {
+            p.push(
+                "health.address",
+                format!(
+                    "{:?} is not an IP address and port: expected IP:PORT such as 127.0.0.1:9464 or [::1]:9464 (port 0 picks a free port)",
+                    self.address
+                ),
+            );
+        }
+    }
+}
+
 /// Problems found so far, in order and without repeats. A problem in `[defaults]`
 /// concerns every camera but is listed once.
 #[derive(Debug, Default)]
@@ -600,12 +649,12 @@ impl Config {
         let root = value.as_table().cloned().unwrap_or_default();
 
         for key in root.keys() {
-            if !["defaults", "mqtt", "lines"].contains(&key.as_str()) {
+            if !["defaults", "mqtt", "health", "lines"].contains(&key.as_str()) {
                 let hint = if ["name", "source", "model", "scoring", "sink"].contains(&key.as_str())
                 {
                     ": settings of a line go under [[lines]], cameras under [[lines.cameras]] and shared settings under [defaults] (see `patchflow config example`)"
                 } else {
-                    ": expected defaults, mqtt or lines"
+                    ": expected defaults, mqtt, health or lines"
                 };
                 p.push(key, format!("unknown key{hint}"));
             }
@@ -632,6 +681,8 @@ impl Config {
             mqtt.problems(&mut p);
             Some(mqtt)
         });
+
+        let health = parse_health(&root, &mut p);
 
         let lines = match root.get("lines") {
             Some(toml::Value::Array(lines)) => lines.as_slice(),
@@ -728,6 +779,7 @@ impl Config {
         if p.list.is_empty() {
             Ok(Config {
                 mqtt,
+                health,
                 cameras,
                 source: None,
             })
@@ -735,6 +787,20 @@ impl Config {
             Err(p.list)
         }
     }
+}
+
+/// Reads `[health]`, key by key so that each invalid key is named. Returns `None` when the
+/// section is missing, invalid or disabled.
+fn parse_health(root: &toml::Table, p: &mut Problems) -> Option<HealthConfig> {
+    let before = p.list.len();
+    check_merged::<HealthConfig>(root, "", "health", p);
+    let section = root.get("health")?;
+    if p.list.len() > before {
+        return None;
+    }
+    let health: HealthConfig = parse_whole(section, "health", p)?;
+    health.problems(p);
+    (p.list.len() == before && health.enabled).then_some(health)
 }
 
 /// Returns the table under `key`, reporting a value of another type.
@@ -1062,6 +1128,16 @@ impl CameraConfig {
                 "scoring",
                 "interval",
                 format!("{} must be from 1 (every frame) to 1000", s.interval),
+            ));
+        }
+        if !SCORING_MODES.contains(&s.mode.as_str()) {
+            p.push((
+                "scoring",
+                "mode",
+                format!(
+                    "{:?}: expected interval (every Nth frame, on the streaming thread) or newest (the newest frame, on a worker thread)",
+                    s.mode
+                ),
             ));
         }
         if !["jet", "hot"].contains(&s.colormap.as_str()) {
@@ -1460,6 +1536,78 @@ ca_file = "ca.pem""#,
         assert!(problem.contains("host name"), "{problem}");
     }
 
+    fn health_section(text: &str) -> (Option<HealthConfig>, Vec<String>) {
+        let root: toml::Table = toml::from_str(text).unwrap();
+        let mut p = Problems::default();
+        let health = parse_health(&root, &mut p);
+        (health, p.list)
+    }
+
+    #[test]
+    fn health_section_defaults_to_loopback() {
+        let (health, found) = health_section("[health]\n");
+        assert!(found.is_empty(), "{found:#?}");
+        let health = health.expect("an empty [health] serves");
+        assert_eq!(health.address, "127.0.0.1:9464");
+        assert!(health.enabled);
+
+        let (health, found) = health_section("[health]\naddress = \"[::1]:0\"\n");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health.map(|h| h.address).as_deref(), Some("[::1]:0"));
+    }
+
+    #[test]
+    fn health_section_missing_or_disabled_serves_nothing() {
+        let (health, found) = health_section("");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health, None);
+
+        let (health, found) =
+            health_section("[health]\nenabled = false\naddress = \"127.0.0.1:9000\"\n");
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(health, None);
+    }
+
+    #[test]
+    fn health_problems_are_listed() {
+        let cases = [
+            ("address = \"localhost:9464\"", "health.address", "IP:PORT"),
+            ("address = \"127.0.0.1\"", "health.address", "IP:PORT"),
+            ("address = \"127.0.0.1:70000\"", "health.address", "IP:PORT"),
+            ("address = 9464", "health.address", "string"),
+            ("enabled = \"yes\"", "health.enabled", "bool"),
+            ("adress = \"127.0.0.1:0\"", "health.adress", "unknown field"),
+        ];
+        for (line, field, reason) in cases {
+            let (health, found) = health_section(&format!("[health]\n{line}\n"));
+            assert_eq!(health, None, "{line}");
+            assert_listed(&found, field);
+            assert!(
+                found.iter().any(|p| p.contains(reason)),
+                "{line}: {reason} missing from {found:#?}"
+            );
+        }
+
+        let (_, found) = health_section("health = 1\n");
+        assert_listed(&found, "health");
+    }
+
+    #[test]
+    fn health_problems_reach_config_check() {
+        let found = problems(
+            r#"
+[health]
+address = "nowhere"
+[[lines]]
+name = "a"
+[[lines.cameras]]
+name = "cam"
+source = { kind = "test" }
+"#,
+        );
+        assert_listed(&found, "health.address");
+    }
+
     #[test]
     fn snapshot_problems_are_listed() {
         let found = problems(
@@ -1496,6 +1644,48 @@ snapshot = { jpeg = true }
     }
 
     #[test]
+    fn scoring_mode_is_checked() {
+        let found = problems(
+            r#"
+[[lines]]
+name = "a"
+[[lines.cameras]]
+name = "good"
+source = { kind = "test", is_live = true }
+scoring = { mode = "newest" }
+[[lines.cameras]]
+name = "bad-mode"
+source = { kind = "test" }
+scoring = { mode = "latest" }
+[[lines.cameras]]
+name = "bad-live"
+source = { kind = "test", is_live = "yes" }
+"#,
+        );
+        assert_listed(&found, "lines[0].cameras[1].scoring.mode");
+        assert_listed(&found, "lines[0].cameras[2].source");
+        assert!(
+            !found
+                .iter()
+                .any(|p| p.starts_with("lines[0].cameras[0].scoring")
+                    || p.starts_with("lines[0].cameras[0].source")),
+            "{found:#?}"
+        );
+        let mode = found
+            .iter()
+            .find(|p| p.starts_with("lines[0].cameras[1].scoring.mode"))
+            .unwrap();
+        assert!(mode.contains("\"latest\""), "{mode}");
+        assert!(mode.contains("interval"), "{mode}");
+        assert!(mode.contains("newest"), "{mode}");
+    }
+
+    #[test]
+    fn scoring_mode_defaults_to_interval() {
+        assert_eq!(ScoringConfig::default().mode, "interval");
+    }
+
+    #[test]
     fn example_config_parses() {
         let value: toml::Value = toml::from_str(super::super::EXAMPLE_CONFIG).unwrap();
         let mut p = Problems::default();
@@ -1503,6 +1693,10 @@ snapshot = { jpeg = true }
         check_sections(root["defaults"].as_table().unwrap(), "defaults", &mut p);
         let mqtt: MqttConfig = root["mqtt"].clone().try_into().unwrap();
         assert_eq!(mqtt.prefix, "patchflow");
+        let health = parse_health(root, &mut p).expect("the example serves health");
+        assert_eq!(health, HealthConfig::default());
+        let scoring: ScoringConfig = root["defaults"]["scoring"].clone().try_into().unwrap();
+        assert_eq!(scoring.mode, "interval");
         assert!(p.list.is_empty(), "{:#?}", p.list);
         let found =
             Config::parse(super::super::EXAMPLE_CONFIG, Path::new("/nonexistent")).unwrap_err();

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Production lines from one TOML config file: global `[defaults]`, an optional `[mqtt]`
-//! output, and `[[lines]]` that each hold `[[lines.cameras]]`. `patchflow run` plays
+//! output, an optional `[health]` endpoint, and `[[lines]]` that each hold
+//! `[[lines.cameras]]`. `patchflow run` plays
 //! every camera in one process, each in its own GStreamer pipeline around
 //! `patchflowscore`, with its own alarm tracker. Cameras that use the same model file on
 //! the same device share one loaded model.
@@ -20,12 +21,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 
 pub use config::{
-    CameraConfig, Config, ConfigError, Delivery, ModelSection, MqttConfig, RestartConfig,
-    ScoringConfig, SinkConfig, SnapshotConfig, SourceConfig, TopicOptions, expand_env,
+    CameraConfig, Config, ConfigError, Delivery, HealthConfig, ModelSection, MqttConfig,
+    RestartConfig, ScoringConfig, SinkConfig, SnapshotConfig, SourceConfig, TopicOptions,
+    expand_env,
 };
 pub use output::{OFFLINE, ONLINE};
 pub use pipeline::{SCORER_NAME, description as pipeline_description};
-pub use run::{CameraCounters, CameraStats, RunSummary, run};
+pub use run::{RunSummary, run};
 
 /// A commented config with every setting, printed by `patchflow config example`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../configs/example.toml");
@@ -59,13 +61,13 @@ pub fn run_file(path: &Path) -> Result<ExitCode> {
     for (line, camera, stats) in &summary.cameras {
         eprintln!(
             "camera {camera} (line {line}): {} frames scored, {} skipped, {} anomalous, {} events, {} snapshots, {} restarts, max normalised score {:.3}, mean inference {:.1} ms",
-            stats.frames,
-            stats.skipped,
-            stats.anomalous,
+            stats.frames_scored,
+            stats.frames_skipped,
+            stats.frames_anomalous,
             stats.events,
             stats.snapshots,
-            stats.restarts,
-            stats.max_score,
+            stats.source_restarts,
+            stats.max_normalized_score,
             stats.mean_inference_ms
         );
     }

@@ -11,7 +11,8 @@
 //!
 //! QoS and retain come from the config for each kind of topic.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::alarm::{AlarmEvent, AlarmState};
 use crate::mqtt::{
@@ -108,10 +109,15 @@ impl Output {
         self.send(&topic, jpeg, self.config.snapshot());
     }
 
-    /// Minimum time between two score messages of one camera, `None` for no score messages.
-    pub fn score_interval(&self) -> Option<Duration> {
-        let rate = self.config.score_max_rate;
-        (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate))
+    /// Returns a limiter for one camera's score messages, `None` when no score messages
+    /// are published.
+    pub fn score_limiter(&self) -> Option<RateLimiter> {
+        RateLimiter::new(self.config.score_max_rate)
+    }
+
+    /// Returns the publisher's current counters.
+    pub fn stats(&self) -> PublisherStats {
+        self.publisher.stats()
     }
 
     pub fn url(&self) -> &str {
@@ -125,5 +131,96 @@ impl Output {
         let topic = format!("{}/available", self.config.prefix);
         self.send(&topic, OFFLINE.as_bytes().to_vec(), availability);
         self.publisher.shutdown(SHUTDOWN_TIMEOUT)
+    }
+}
+
+/// Allows at most `rate` messages per second on average, in bursts of up to `rate`
+/// messages (at least one).
+///
+/// It keeps the times of the last `burst` messages and lets a new one through when the
+/// oldest of them is at least `burst / rate` seconds old. Frames that arrive together,
+/// as after a stall of the bus watch, are then not dropped as long as the average stays
+/// under the rate.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    burst: usize,
+    window: Duration,
+    sent: VecDeque<Instant>,
+}
+
+impl RateLimiter {
+    /// Creates a limiter for `rate` messages per second, `None` for a rate of 0 or below.
+    pub fn new(rate: f64) -> Option<Self> {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return None;
+        }
+        let burst = rate.floor().max(1.0);
+        Some(Self {
+            burst: burst as usize,
+            window: Duration::from_secs_f64(burst / rate),
+            sent: VecDeque::new(),
+        })
+    }
+
+    /// Returns whether a message may go out at `now`, and counts it if so.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        if self.sent.len() == self.burst {
+            match self.sent.front() {
+                Some(oldest) if now.saturating_duration_since(*oldest) >= self.window => {
+                    self.sent.pop_front();
+                }
+                _ => return false,
+            }
+        }
+        self.sent.push_back(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(limiter: &mut RateLimiter, start: Instant, times_ms: &[u64]) -> Vec<bool> {
+        times_ms
+            .iter()
+            .map(|ms| limiter.allow(start + Duration::from_millis(*ms)))
+            .collect()
+    }
+
+    #[test]
+    fn one_per_second_drops_the_rest() {
+        let mut limiter = RateLimiter::new(1.0).unwrap();
+        let start = Instant::now();
+        let got = allowed(&mut limiter, start, &[0, 500, 999, 1000, 1500, 2100]);
+        assert_eq!(got, [true, false, false, true, false, true]);
+    }
+
+    #[test]
+    fn bursts_up_to_the_rate_pass() {
+        let mut limiter = RateLimiter::new(5.0).unwrap();
+        let start = Instant::now();
+        // Five at once pass, the sixth waits until the first is a second old.
+        let got = allowed(&mut limiter, start, &[0, 0, 1, 1, 2, 3, 999, 1000]);
+        assert_eq!(got, [true, true, true, true, true, false, false, true]);
+    }
+
+    #[test]
+    fn fractional_rates_keep_their_average() {
+        // 2.5 per second: two per 0.8 s.
+        let mut limiter = RateLimiter::new(2.5).unwrap();
+        let start = Instant::now();
+        let got = allowed(&mut limiter, start, &[0, 10, 20, 799, 800, 810, 1600]);
+        assert_eq!(got, [true, true, false, false, true, true, true]);
+        // 0.5 per second: one per 2 s.
+        let mut slow = RateLimiter::new(0.5).unwrap();
+        let got = allowed(&mut slow, start, &[0, 1999, 2000]);
+        assert_eq!(got, [true, false, true]);
+    }
+
+    #[test]
+    fn zero_rate_publishes_nothing() {
+        assert!(RateLimiter::new(0.0).is_none());
+        assert!(RateLimiter::new(f64::NAN).is_none());
     }
 }

@@ -172,19 +172,20 @@ pub fn description(camera: &CameraConfig, staged: Option<&StagedImages>) -> Stri
             height,
             framerate,
             pattern,
+            is_live,
         } => {
             let pattern = pattern
                 .as_ref()
                 .map(|p| format!(" pattern={}", quote(p)))
                 .unwrap_or_default();
             format!(
-                "videotestsrc num-buffers={num_buffers}{pattern} ! video/x-raw,width={width},height={height},framerate={framerate}/1"
+                "videotestsrc num-buffers={num_buffers}{pattern} is-live={is_live} ! video/x-raw,width={width},height={height},framerate={framerate}/1"
             )
         }
     };
     let s = &camera.scoring;
     let scorer = format!(
-        "patchflowscore name={SCORER_NAME} model={} device={}{} threshold-domain={} overlay={} alpha={} colormap={} scoring-interval={}",
+        "patchflowscore name={SCORER_NAME} model={} device={}{} threshold-domain={} overlay={} alpha={} colormap={} scoring-mode={} scoring-interval={}",
         quote(&camera.model.path),
         quote(&camera.model.device),
         s.threshold
@@ -194,6 +195,7 @@ pub fn description(camera: &CameraConfig, staged: Option<&StagedImages>) -> Stri
         s.overlay,
         s.alpha,
         s.colormap,
+        s.mode,
         s.interval
     );
     let sink = match &camera.sink {
@@ -231,7 +233,9 @@ pub fn needs_staging(camera: &CameraConfig) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::{ModelSection, RestartConfig, ScoringConfig, SnapshotConfig};
     use super::*;
+    use crate::alarm::AlarmConfig;
 
     #[test]
     fn quoting_escapes() {
@@ -250,6 +254,47 @@ mod tests {
         assert!(!matches("cell-??.png", "cell-7.png"));
         assert!(!matches("*.png", "a.jpg"));
         assert!(matches("a*b*c", "aXXbYc"));
+    }
+
+    fn test_camera(source: &str, scoring: &str) -> CameraConfig {
+        let source: SourceConfig = toml::from_str(source).unwrap();
+        let scoring: ScoringConfig = toml::from_str(scoring).unwrap();
+        CameraConfig {
+            line: "line".into(),
+            name: "cam".into(),
+            source,
+            model: ModelSection {
+                path: "/models/m.safetensors".into(),
+                device: "cpu".into(),
+            },
+            scoring,
+            alarm: AlarmConfig::default(),
+            sink: SinkConfig::None,
+            restart: RestartConfig::default(),
+            snapshot: SnapshotConfig::default(),
+        }
+    }
+
+    #[test]
+    fn description_sets_scoring_mode() {
+        let default = description(&test_camera("kind = \"test\"", ""), None);
+        assert!(
+            default.contains(" scoring-mode=interval scoring-interval=1"),
+            "{default}"
+        );
+        let newest = description(&test_camera("kind = \"test\"", "mode = \"newest\""), None);
+        assert!(newest.contains(" scoring-mode=newest "), "{newest}");
+    }
+
+    #[test]
+    fn description_sets_live_test_source() {
+        let default = description(&test_camera("kind = \"test\"", ""), None);
+        assert!(
+            default.contains("videotestsrc num-buffers=100 is-live=false "),
+            "{default}"
+        );
+        let live = description(&test_camera("kind = \"test\"\nis_live = true", ""), None);
+        assert!(live.contains(" is-live=true "), "{live}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `patchflow run`: one pipeline, bus watch and alarm tracker per camera, each on its own
 //! thread, with restarts after errors, a clean stop on SIGINT or SIGTERM, and scoring and
-//! alarm settings read again from the config file on SIGHUP.
+//! alarm settings read again from the config file on SIGHUP. Every camera reports into
+//! one [`Registry`] of metrics, which the `[health]` endpoint serves.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,12 +12,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Result, anyhow};
 use gst::prelude::*;
 
-use crate::alarm::{AlarmConfig, AlarmOutput, AlarmTracker, EventKind, ScoredFrame, Scores};
+use crate::alarm::{
+    AlarmConfig, AlarmOutput, AlarmState, AlarmTracker, EventKind, ScoredFrame, Scores,
+};
+use crate::health::{CameraMetrics, CameraSnapshot, HealthServer, Registry, ServerOptions};
 use crate::mqtt::{FrameMessage, PublisherStats};
 use crate::scoring::ScoreDomain;
 
-use super::config::{CameraConfig, Config, ScoringConfig, SinkConfig};
-use super::output::Output;
+use super::config::{CameraConfig, Config, HealthConfig, ScoringConfig, SinkConfig};
+use super::output::{Output, RateLimiter};
 use super::pipeline::{self, SCORER_NAME, StagedImages};
 use super::snapshot::Snapshots;
 
@@ -26,85 +30,11 @@ const EOS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval at which bus watches and restart waits look at the stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Counters of one camera, updated while it runs and readable from any thread.
-#[derive(Debug, Default)]
-pub struct CameraCounters {
-    /// Frames scored.
-    pub frames: AtomicU64,
-    /// Scored frames above the threshold.
-    pub anomalous: AtomicU64,
-    /// Frames passed on without scoring because of `scoring.interval`, counted when a
-    /// pipeline stops.
-    pub skipped: AtomicU64,
-    /// Alarm events started.
-    pub events: AtomicU64,
-    /// Pipeline restarts after errors.
-    pub restarts: AtomicU64,
-    /// Snapshot files written.
-    pub snapshots: AtomicU64,
-    /// Whether the camera's pipeline is playing.
-    pub running: AtomicBool,
-    inference_us: AtomicU64,
-    /// Bits of the maximum normalised score as an `f64`.
-    max_score_bits: AtomicU64,
-}
-
-/// A snapshot of [`CameraCounters`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CameraStats {
-    pub frames: u64,
-    pub anomalous: u64,
-    pub skipped: u64,
-    pub events: u64,
-    pub restarts: u64,
-    pub snapshots: u64,
-    pub running: bool,
-    pub max_score: f64,
-    pub mean_inference_ms: f64,
-}
-
-impl CameraCounters {
-    pub fn snapshot(&self) -> CameraStats {
-        let frames = self.frames.load(Ordering::Relaxed);
-        let inference_us = self.inference_us.load(Ordering::Relaxed);
-        CameraStats {
-            frames,
-            anomalous: self.anomalous.load(Ordering::Relaxed),
-            skipped: self.skipped.load(Ordering::Relaxed),
-            events: self.events.load(Ordering::Relaxed),
-            restarts: self.restarts.load(Ordering::Relaxed),
-            snapshots: self.snapshots.load(Ordering::Relaxed),
-            running: self.running.load(Ordering::Relaxed),
-            max_score: f64::from_bits(self.max_score_bits.load(Ordering::Relaxed)),
-            mean_inference_ms: if frames > 0 {
-                inference_us as f64 / 1000.0 / frames as f64
-            } else {
-                0.0
-            },
-        }
-    }
-
-    fn record_frame(&self, is_anomalous: bool, normalized_score: f64, inference_ms: f64) {
-        self.frames.fetch_add(1, Ordering::Relaxed);
-        if is_anomalous {
-            self.anomalous.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inference_us
-            .fetch_add((inference_ms * 1000.0) as u64, Ordering::Relaxed);
-        // Only this camera's thread writes, so a load and a store cannot lose an update.
-        let max = f64::from_bits(self.max_score_bits.load(Ordering::Relaxed));
-        if normalized_score > max {
-            self.max_score_bits
-                .store(normalized_score.to_bits(), Ordering::Relaxed);
-        }
-    }
-}
-
 /// Counts of one run, printed at the end.
 #[derive(Debug, Clone, Default)]
 pub struct RunSummary {
-    /// (line, camera, counters) in config order.
-    pub cameras: Vec<(String, String, CameraStats)>,
+    /// (line, camera, final metrics) in config order.
+    pub cameras: Vec<(String, String, CameraSnapshot)>,
     /// Broker URL and final publisher counters, when the run published.
     pub mqtt: Option<(String, PublisherStats)>,
 }
@@ -219,6 +149,7 @@ fn reload(config: &Config, live: &[LiveSettings]) {
             ("sink", new.sink != camera.sink),
             ("restart", new.restart != camera.restart),
             ("snapshot", new.snapshot != camera.snapshot),
+            ("scoring.mode", new.scoring.mode != camera.scoring.mode),
         ] {
             if differs {
                 later.push(field);
@@ -240,6 +171,9 @@ fn reload(config: &Config, live: &[LiveSettings]) {
     if updated.mqtt != config.mqtt {
         tracing::warn!("MQTT settings take effect when patchflow run starts again");
     }
+    if updated.health != config.health {
+        tracing::warn!("health settings take effect when patchflow run starts again");
+    }
     eprintln!(
         "reloaded {}: new scoring or alarm settings for {changed} of {} cameras",
         path.display(),
@@ -248,39 +182,43 @@ fn reload(config: &Config, live: &[LiveSettings]) {
 }
 
 /// Runs every camera of `config` until all have ended (end of stream) or SIGINT or
-/// SIGTERM stopped them, then publishes `offline` and stops the MQTT publisher.
-/// `on_start` receives each camera's counters before the cameras start.
-pub fn run(
-    config: &Config,
-    on_start: impl FnOnce(&[(String, Arc<CameraCounters>)]),
-) -> Result<RunSummary> {
+/// SIGTERM stopped them, then publishes `offline` and stops the MQTT publisher. With a
+/// `[health]` section, serves the cameras' metrics over HTTP while they run.
+/// `on_start` receives the metrics registry before the cameras start.
+pub fn run(config: &Config, on_start: impl FnOnce(&Arc<Registry>)) -> Result<RunSummary> {
     super::ensure_element()?;
     let stop = stop_flag()?;
     stop.store(false, Ordering::SeqCst);
     let reload_requested = reload_flag()?;
     reload_requested.store(false, Ordering::SeqCst);
     let live: Vec<LiveSettings> = config.cameras.iter().map(LiveSettings::new).collect();
+    let registry = Arc::new(Registry::new());
+    let metrics: Vec<Arc<CameraMetrics>> = config
+        .cameras
+        .iter()
+        .map(|camera| registry.camera(&camera.name))
+        .collect();
+    // Before MQTT, so that a busy port fails the run before anything is published.
+    let health = match &config.health {
+        Some(health) => Some(start_health(health, &registry)?),
+        None => None,
+    };
     let output = match &config.mqtt {
         Some(mqtt) => Some(Output::start(mqtt).map_err(|e| anyhow!("cannot start MQTT: {e}"))?),
         None => None,
     };
     let clock = Clock::now();
-    let counters: Vec<(String, Arc<CameraCounters>)> = config
-        .cameras
-        .iter()
-        .map(|camera| (camera.name.clone(), Arc::default()))
-        .collect();
-    on_start(&counters);
+    on_start(&registry);
 
     tracing::info!(cameras = config.cameras.len(), "starting cameras");
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for ((camera, (_, counters)), live) in config.cameras.iter().zip(&counters).zip(&live) {
+        for ((camera, metrics), live) in config.cameras.iter().zip(&metrics).zip(&live) {
             let run = CameraRun {
                 camera,
                 live,
                 output: output.as_ref(),
-                counters,
+                metrics,
                 stop: &stop,
                 clock,
             };
@@ -303,6 +241,9 @@ pub fn run(
                 eprintln!("interrupted: finishing every camera's stream");
                 announced = true;
             }
+            if let Some(output) = &output {
+                set_mqtt_stats(&metrics, &output.stats());
+            }
             std::thread::sleep(POLL_INTERVAL);
         }
         if stop.load(Ordering::SeqCst) && !announced {
@@ -312,17 +253,47 @@ pub fn run(
 
     let mqtt = output.map(|output| {
         let url = output.url().to_owned();
-        (url, output.shutdown())
+        let stats = output.shutdown();
+        set_mqtt_stats(&metrics, &stats);
+        (url, stats)
     });
+    if let Some(health) = health {
+        health.shutdown();
+    }
+    let now = Instant::now();
     Ok(RunSummary {
         cameras: config
             .cameras
             .iter()
-            .zip(&counters)
-            .map(|(camera, (_, c))| (camera.line.clone(), camera.name.clone(), c.snapshot()))
+            .zip(&metrics)
+            .map(|(camera, m)| (camera.line.clone(), camera.name.clone(), m.snapshot(now)))
             .collect(),
         mqtt,
     })
+}
+
+/// Starts the health and metrics endpoint and prints where it listens.
+fn start_health(health: &HealthConfig, registry: &Arc<Registry>) -> Result<HealthServer> {
+    let options = ServerOptions {
+        addr: health.address.clone(),
+        ..ServerOptions::default()
+    };
+    let server = HealthServer::start(&options, Arc::clone(registry)).map_err(|e| {
+        anyhow!(
+            "{e}. The config's health.address sets the address, and health.enabled = false turns the endpoint off"
+        )
+    })?;
+    // The actual port matters with port 0, and tests read it from this line.
+    let addr = server.local_addr();
+    eprintln!("serving health on http://{addr}/health and metrics on http://{addr}/metrics");
+    Ok(server)
+}
+
+/// Copies the counters of the MQTT publisher, which all cameras share, to every camera.
+fn set_mqtt_stats(metrics: &[Arc<CameraMetrics>], stats: &PublisherStats) {
+    for camera in metrics {
+        camera.set_mqtt_stats(stats);
+    }
 }
 
 /// The monotonic start of the run and the matching Unix time, for alarm timestamps.
@@ -349,7 +320,7 @@ struct CameraRun<'a> {
     camera: &'a CameraConfig,
     live: &'a LiveSettings,
     output: Option<&'a Output>,
-    counters: &'a CameraCounters,
+    metrics: &'a CameraMetrics,
     stop: &'a AtomicBool,
     clock: Clock,
 }
@@ -357,13 +328,51 @@ struct CameraRun<'a> {
 /// State that the bus watch tracks between frames.
 struct Watch {
     tracker: AlarmTracker,
-    last_score_message: Option<Instant>,
+    /// Limits the camera's score messages, `None` when none are published.
+    score_limiter: Option<RateLimiter>,
     /// Set when the camera takes snapshots.
     snapshots: Option<Snapshots>,
     /// Number of the latest scored frame.
     last_frame: u64,
     /// Version of the live settings that the tracker and the pipeline use.
     applied: u64,
+    skipped: SkippedFrames,
+}
+
+/// Skipped frames of the current pipeline, counted into the camera's metrics. Every frame
+/// before a scored one was scored or skipped in both scoring modes, so a scored frame's
+/// number updates the count. Reading `frames-skipped` while playing would stall the bus
+/// watch, because `scoring-mode=interval` holds the element's lock during inference.
+#[derive(Default)]
+struct SkippedFrames {
+    /// Frames scored in this pipeline.
+    scored: u64,
+    /// Skipped frames of this pipeline already added to the metrics.
+    counted: u64,
+}
+
+impl SkippedFrames {
+    /// Counts the scored frame `frame`, numbered from 0 in this pipeline, and the frames
+    /// skipped before it.
+    fn on_scored(&mut self, frame: u64, metrics: &CameraMetrics) {
+        self.scored += 1;
+        self.count_up_to((frame + 1).saturating_sub(self.scored), metrics);
+    }
+
+    /// Counts the frames skipped after the last scored one, from the element's
+    /// `frames-skipped` property. Call it before the pipeline stops, which resets that count.
+    fn finish(&mut self, pipeline: &gst::Pipeline, metrics: &CameraMetrics) {
+        if let Some(scorer) = pipeline.by_name(SCORER_NAME) {
+            self.count_up_to(scorer.property::<u64>("frames-skipped"), metrics);
+        }
+    }
+
+    fn count_up_to(&mut self, total: u64, metrics: &CameraMetrics) {
+        if total > self.counted {
+            metrics.record_skipped_frames(total - self.counted, Instant::now());
+            self.counted = total;
+        }
+    }
 }
 
 impl CameraRun<'_> {
@@ -384,11 +393,14 @@ impl CameraRun<'_> {
         let snapshot = &self.camera.snapshot;
         let mut watch = Watch {
             tracker,
-            last_score_message: None,
+            score_limiter: self.output.and_then(Output::score_limiter),
             snapshots: snapshot.enabled().then(|| Snapshots::new(snapshot.clone())),
             last_frame: 0,
             applied: 0,
+            skipped: SkippedFrames::default(),
         };
+        self.metrics
+            .set_anomalous(watch.tracker.state() == AlarmState::Anomalous);
         if let Some(output) = self.output {
             output.state(camera, watch.tracker.state());
         }
@@ -399,7 +411,7 @@ impl CameraRun<'_> {
         let mut delay = initial_delay;
         let mut attempt = 0u64;
         while !self.stopping() {
-            let frames_before = self.counters.frames.load(Ordering::Relaxed);
+            let frames_before = self.frames_scored();
             let result = self.run_pipeline(&mut watch);
             self.end_event(&mut watch);
             match result {
@@ -409,12 +421,12 @@ impl CameraRun<'_> {
                     break;
                 }
                 Err(error) => {
-                    if self.counters.frames.load(Ordering::Relaxed) > frames_before {
+                    if self.frames_scored() > frames_before {
                         delay = initial_delay;
                         attempt = 0;
                     }
                     attempt += 1;
-                    self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.record_restart();
                     tracing::warn!(
                         camera = %camera,
                         line = %self.camera.line,
@@ -428,7 +440,11 @@ impl CameraRun<'_> {
                 }
             }
         }
-        tracing::info!(camera = %camera, stats = ?self.counters.snapshot(), "camera stopped");
+        tracing::info!(camera = %camera, stats = ?self.metrics.snapshot(Instant::now()), "camera stopped");
+    }
+
+    fn frames_scored(&self) -> u64 {
+        self.metrics.snapshot(Instant::now()).frames_scored
     }
 
     /// Waits for `duration`, or less when the run is stopping.
@@ -463,8 +479,12 @@ impl CameraRun<'_> {
         // A restarted pipeline takes the scoring settings of the latest reload.
         let live = self.live.get();
         self.apply_alarm(watch, &live);
+        // The mode stays as the run started: a reload reports a new mode as pending.
         let current = CameraConfig {
-            scoring: live.scoring,
+            scoring: ScoringConfig {
+                mode: self.camera.scoring.mode.clone(),
+                ..live.scoring
+            },
             ..self.camera.clone()
         };
         let description = pipeline::description(&current, staged.as_ref());
@@ -485,15 +505,14 @@ impl CameraRun<'_> {
                 first_error(&pipeline).unwrap_or_default()
             ))
         } else {
-            self.counters.running.store(true, Ordering::Relaxed);
-            self.watch_bus(&pipeline, watch)
+            self.metrics.set_running();
+            watch.skipped = SkippedFrames::default();
+            let result = self.watch_bus(&pipeline, watch);
+            watch.skipped.finish(&pipeline, self.metrics);
+            result
         };
-        self.counters.running.store(false, Ordering::Relaxed);
-        if let Some(scorer) = pipeline.by_name(SCORER_NAME) {
-            self.counters
-                .skipped
-                .fetch_add(scorer.property::<u64>("frames-skipped"), Ordering::Relaxed);
-        }
+        self.metrics
+            .set_stopped(result.as_ref().err().map(String::as_str));
         pipeline.set_state(gst::State::Null).ok();
         result
     }
@@ -597,18 +616,20 @@ impl CameraRun<'_> {
         watch.applied = live.version;
     }
 
-    /// Feeds one `patchflow` bus message to the counters, the alarm tracker and MQTT.
+    /// Feeds one `patchflow` bus message to the metrics, the alarm tracker and MQTT.
     fn on_frame(&self, s: &gst::StructureRef, watch: &mut Watch) {
         let score = s.get::<f64>("score").unwrap_or(f64::NAN);
         let normalized_score = s.get::<f64>("normalized-score").unwrap_or(f64::NAN);
         let log_score = s.get::<f64>("log-score").unwrap_or(f64::NAN);
         let is_anomalous = s.get::<bool>("is-anomalous").unwrap_or(false);
         let frame = s.get::<u64>("frame").unwrap_or(0);
-        self.counters.record_frame(
-            is_anomalous,
-            normalized_score,
-            s.get::<f64>("inference-ms").unwrap_or(0.0),
+        let inference_ms = s.get::<f64>("inference-ms").unwrap_or(0.0);
+        self.metrics.record_scored(
+            Instant::now(),
+            Duration::try_from_secs_f64(inference_ms / 1000.0).unwrap_or_default(),
         );
+        self.metrics.record_score(normalized_score, is_anomalous);
+        watch.skipped.on_scored(frame, self.metrics);
         let scores = Scores {
             score: score as f32,
             normalized_score: normalized_score as f32,
@@ -627,17 +648,12 @@ impl CameraRun<'_> {
         let Some(output) = self.output else {
             return;
         };
-        let Some(interval) = output.score_interval() else {
+        let Some(limiter) = &mut watch.score_limiter else {
             return;
         };
-        let now = Instant::now();
-        if watch
-            .last_score_message
-            .is_some_and(|last| now.duration_since(last) < interval)
-        {
+        if !limiter.allow(Instant::now()) {
             return;
         }
-        watch.last_score_message = Some(now);
         let pts = s.get::<u64>("pts").ok().filter(|pts| *pts != u64::MAX);
         let message = FrameMessage {
             source: self.camera.name.clone(),
@@ -690,9 +706,8 @@ impl CameraRun<'_> {
                 output.snapshot(&self.camera.name, published.jpeg);
             }
         }
-        self.counters
-            .snapshots
-            .fetch_add(snapshots.written - written_before, Ordering::Relaxed);
+        self.metrics
+            .record_snapshots(snapshots.written - written_before);
     }
 
     fn publish_alarm(&self, alarm: &AlarmOutput) {
@@ -700,7 +715,7 @@ impl CameraRun<'_> {
         for event in &alarm.events {
             match event.kind {
                 EventKind::Start => {
-                    self.counters.events.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.record_event();
                     tracing::info!(camera = %camera, id = %event.id, "alarm event started");
                 }
                 EventKind::End => {
@@ -712,8 +727,11 @@ impl CameraRun<'_> {
                 output.event(event);
             }
         }
-        if let (Some(state), Some(output)) = (alarm.state_change, self.output) {
-            output.state(camera, state);
+        if let Some(state) = alarm.state_change {
+            self.metrics.set_anomalous(state == AlarmState::Anomalous);
+            if let Some(output) = self.output {
+                output.state(camera, state);
+            }
         }
     }
 }
