@@ -19,7 +19,7 @@
 //!
 //! [`FrameMessage`] is the JSON payload published for each scored frame.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::PathBuf;
@@ -224,6 +224,8 @@ pub struct PublisherStats {
 #[derive(Debug)]
 pub struct Publisher {
     broker: BrokerAddress,
+    /// Latest message of each state topic, published again after every reconnection.
+    states: States,
     /// QoS of [`Publisher::publish`].
     qos: QoS,
     queue_tx: mpsc::Sender<Message>,
@@ -280,6 +282,7 @@ impl Publisher {
         let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let counters = Arc::new(Counters::default());
+        let states = States::default();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -295,6 +298,8 @@ impl Publisher {
             broker: broker.clone(),
             tls_files: settings.tls,
             birth,
+            states: Arc::clone(&states),
+            connected_before: false,
             in_flight: 0,
             client_full: false,
             consecutive_failures: 0,
@@ -309,6 +314,7 @@ impl Publisher {
 
         Ok(Publisher {
             broker,
+            states,
             qos,
             queue_tx,
             queue_capacity: settings.queue_capacity,
@@ -339,30 +345,63 @@ impl Publisher {
         }
     }
 
-    fn queue(&self, topic: &str, payload: Vec<u8>, qos: QoS, retain: bool) -> bool {
+    /// Queues a state message like [`Publisher::publish_with`] and keeps it as the topic's
+    /// current state. After every reconnection the current states are published again,
+    /// right after the birth message, so that a broker restarted without persistence gets
+    /// its retained states back. A state that the full queue dropped still goes out then.
+    pub fn publish_state(&self, topic: &str, payload: Vec<u8>, qos: u8, retain: bool) -> bool {
+        let qos = match qos_from_level(qos) {
+            Ok(qos) => qos,
+            Err(_) => {
+                self.count_drop("invalid MQTT QoS, expected 0, 1 or 2", topic);
+                return false;
+            }
+        };
+        let Some(message) = self.message(topic, payload, qos, retain) else {
+            return false;
+        };
+        self.states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(topic.to_owned(), message.clone());
+        self.send(message)
+    }
+
+    /// Builds a message, or counts it as dropped when it cannot be sent.
+    fn message(&self, topic: &str, payload: Vec<u8>, qos: QoS, retain: bool) -> Option<Message> {
         if !is_valid_topic(topic) {
             self.count_drop("invalid MQTT topic name, expected no wildcards", topic);
-            return false;
+            return None;
         }
         if topic.len() + payload.len() + PUBLISH_OVERHEAD > MAX_PACKET_SIZE {
             self.count_drop("MQTT message exceeds the maximum packet size", topic);
-            return false;
+            return None;
         }
-
-        let message = Message {
+        Some(Message {
             topic: topic.to_owned(),
             payload,
             qos,
             retain,
-        };
+        })
+    }
+
+    fn queue(&self, topic: &str, payload: Vec<u8>, qos: QoS, retain: bool) -> bool {
+        match self.message(topic, payload, qos, retain) {
+            Some(message) => self.send(message),
+            None => false,
+        }
+    }
+
+    fn send(&self, message: Message) -> bool {
+        let topic = message.topic.clone();
         match self.queue_tx.try_send(message) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.count_drop("MQTT queue is full", topic);
+                self.count_drop("MQTT queue is full", &topic);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.count_drop("MQTT publisher thread has stopped", topic);
+                self.count_drop("MQTT publisher thread has stopped", &topic);
                 false
             }
         }
@@ -461,6 +500,9 @@ impl Counters {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 }
+
+/// Latest message per state topic, shared by the publisher and its thread.
+type States = Arc<Mutex<BTreeMap<String, Message>>>;
 
 #[derive(Debug, Clone)]
 struct Message {
@@ -630,6 +672,10 @@ struct Worker {
     tls_files: TlsFiles,
     /// Message put at the front of the backlog on every connection acknowledgement.
     birth: Option<Message>,
+    /// States put after the birth message on every connection acknowledgement but the
+    /// first, which the queue already covers.
+    states: States,
+    connected_before: bool,
     /// Publishes handed to `rumqttc` and not yet written (QoS 0) or acknowledged (QoS 1, 2).
     in_flight: usize,
     /// Whether `rumqttc` refused a message since the event loop last made progress.
@@ -737,6 +783,16 @@ impl Worker {
                 );
                 self.consecutive_failures = 0;
                 self.backoff = INITIAL_BACKOFF;
+                if self.connected_before {
+                    let states = self
+                        .states
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for state in states.values().rev() {
+                        self.backlog.push_front(state.clone());
+                    }
+                }
+                self.connected_before = true;
                 if let Some(birth) = &self.birth {
                     self.backlog.push_front(birth.clone());
                 }

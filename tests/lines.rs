@@ -672,6 +672,14 @@ fn broker_restart_resumes_publishing() {
         "{}",
         run_log(dir.path())
     );
+    // The camera's state is published again after the reconnect and retained, so a client
+    // that subscribes later still gets it.
+    let late = Subscriber::start(broker.port, "pf4/cam/state");
+    assert!(
+        wait_for_topic(&late, "pf4/cam/state", Duration::from_secs(5)),
+        "{}",
+        run_log(dir.path())
+    );
     let after = score_frames(
         &resumed.collect_for(Duration::from_secs(2)),
         "pf4/cam/score",

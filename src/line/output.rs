@@ -3,7 +3,8 @@
 //!
 //! - `<prefix>/available`: `online` after every connection acknowledgement, `offline` on a
 //!   clean stop and as the Last Will, so it also turns `offline` when the process dies;
-//! - `<prefix>/<camera>/state`: `ok` or `anomalous`, at the camera's start and on change;
+//! - `<prefix>/<camera>/state`: `ok` or `anomalous`, at the camera's start, on change and
+//!   after every reconnection;
 //! - `<prefix>/events`: the alarm tracker's `start`, `update` and `end` messages;
 //! - `<prefix>/<camera>/score`: per-frame scores, at most `score_max_rate` per second;
 //! - `<prefix>/<camera>/snapshot`: the JPEG of an event's start or new peak, when the
@@ -81,13 +82,16 @@ impl Output {
             .publish_with(topic, payload, delivery.qos, delivery.retain);
     }
 
-    /// Publishes a camera's alarm state.
+    /// Publishes a camera's alarm state. The publisher sends it again after every
+    /// reconnection, so a broker restarted without persistence gets it back.
     pub fn state(&self, camera: &str, state: AlarmState) {
         let topic = format!("{}/{camera}/state", self.config.prefix);
-        self.send(
+        let delivery = self.config.state();
+        self.publisher.publish_state(
             &topic,
             state.name().as_bytes().to_vec(),
-            self.config.state(),
+            delivery.qos,
+            delivery.retain,
         );
     }
 
