@@ -200,7 +200,7 @@ impl Default for SnapshotConfig {
 }
 
 impl SnapshotConfig {
-    /// Whether snapshots are taken at all.
+    /// Returns whether snapshots are taken at all.
     pub fn enabled(&self) -> bool {
         self.folder.is_some() || self.publish
     }

@@ -138,7 +138,7 @@ fn reload(config: &Config, live: &[LiveSettings]) {
     let mut changed = 0;
     for (camera, live) in config.cameras.iter().zip(live) {
         let Some(new) = updated.cameras.iter().find(|c| c.name == camera.name) else {
-            tracing::warn!(camera = %camera.name, "the camera is no longer in the config; it runs until patchflow restarts");
+            tracing::warn!(camera = %camera.name, "the camera is no longer in the config and runs until patchflow run starts again");
             continue;
         };
         let mut later = Vec::new();
@@ -165,7 +165,7 @@ fn reload(config: &Config, live: &[LiveSettings]) {
     }
     for new in &updated.cameras {
         if !config.cameras.iter().any(|c| c.name == new.name) {
-            tracing::warn!(camera = %new.name, "new camera in the config; it starts when patchflow run starts again");
+            tracing::warn!(camera = %new.name, "the new camera in the config starts when patchflow run starts again");
         }
     }
     if updated.mqtt != config.mqtt {
