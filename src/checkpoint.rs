@@ -100,8 +100,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(PatchFlow, ModelMeta), Mode
         path: path.to_path_buf(),
         reason,
     };
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let header = read_header(path, &bytes)?;
     let fields = header.metadata().clone().unwrap_or_default();
     let meta = parse_meta(&fields)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -157,10 +156,22 @@ pub fn read_meta(path: &Path) -> Result<ModelMeta, ModelError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Corrupt {
+    let header = read_header(path, &bytes)?;
+    parse_meta(&header.metadata().clone().unwrap_or_default())
+}
+
+/// Reads the safetensors header of a model file, telling a zip archive (a Lightning
+/// checkpoint or a PyTorch file) apart from a damaged model.
+fn read_header(path: &Path, bytes: &[u8]) -> Result<safetensors::tensor::Metadata, ModelError> {
+    if bytes.starts_with(b"PK\x03\x04") {
+        return Err(ModelError::ZipArchive {
+            path: path.to_path_buf(),
+        });
+    }
+    safetensors::SafeTensors::read_metadata(bytes)
+        .map(|(_, header)| header)
+        .map_err(|e| ModelError::Corrupt {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })?;
-    parse_meta(&header.metadata().clone().unwrap_or_default())
+        })
 }

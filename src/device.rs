@@ -1,7 +1,35 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Compute device selection by name: `cpu`, `cuda` or `cuda:N`.
+//! Compute device selection by name (`cpu`, `cuda` or `cuda:N`) and the number of CPU
+//! threads that inference uses.
 
 use candle_core::Device;
+
+/// Sets the number of threads of the process-wide pool that CPU inference runs on, and
+/// returns the number in force. 0 keeps the default: `RAYON_NUM_THREADS` when set, else
+/// one thread per logical CPU.
+///
+/// The pool starts with the first parallel operation and keeps its size for the life of
+/// the process, so this must run before any model is used. Afterwards, a different
+/// count is an error that names the count in force.
+pub fn set_cpu_threads(threads: usize) -> Result<usize, String> {
+    if threads == 0 {
+        return Ok(rayon::current_num_threads());
+    }
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("patchflow-cpu-{i}"))
+        .build_global()
+    {
+        Ok(()) => Ok(threads),
+        Err(_) if rayon::current_num_threads() == threads => Ok(threads),
+        Err(_) => Err(format!(
+            "cannot use {threads} CPU threads: this process already runs inference on {} \
+             (the count is fixed at the first use; set it before any model runs, or with \
+             RAYON_NUM_THREADS)",
+            rayon::current_num_threads()
+        )),
+    }
+}
 
 /// Parses a device name. CUDA names need a build with the `cuda` feature.
 pub fn parse(name: &str) -> candle_core::Result<Device> {
@@ -32,6 +60,19 @@ pub fn parse(name: &str) -> candle_core::Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_threads_are_fixed_once_used() {
+        let first = set_cpu_threads(3).unwrap_or_else(|_| rayon::current_num_threads());
+        assert_eq!(rayon::current_num_threads(), first);
+        assert_eq!(set_cpu_threads(first), Ok(first));
+        assert_eq!(set_cpu_threads(0), Ok(first));
+        let error = set_cpu_threads(first + 1).unwrap_err();
+        assert!(
+            error.contains(&format!("already runs inference on {first}")),
+            "{error}"
+        );
+    }
 
     #[test]
     fn cpu_parses() {

@@ -25,6 +25,11 @@ struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// CPU threads for inference and training: 0 (the default) uses RAYON_NUM_THREADS when
+    /// set, else one per logical CPU. On CPUs with two hardware threads per core, one thread
+    /// per physical core can be faster: `patchflow bench --threads` measures it.
+    #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+    cpu_threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -705,6 +710,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Err(e) = patchflow::device::set_cpu_threads(cli.cpu_threads) {
+        eprintln!("patchflow: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -205,6 +205,20 @@ fn predict_rejects_corrupt_model() {
     assert!(err.contains("broken.safetensors"), "{err}");
 }
 
+#[test]
+fn predict_points_checkpoint_to_import() {
+    let checkpoint =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/anomalib/patchflow_lite0.ckpt");
+    let out = run(patchflow()
+        .args(["predict", "--cpu-threads", "1", "--model"])
+        .arg(&checkpoint)
+        .arg(fixtures::image("brick.png")));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a zip archive"), "{err}");
+    assert!(err.contains("patchflow import"), "{err}");
+}
+
 fn write_config(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("line.toml");
     std::fs::write(&path, body).unwrap();

@@ -20,6 +20,10 @@ pub enum ModelError {
         "model file {path} is not a valid safetensors file ({reason}); it may be truncated or corrupt: re-create it with `patchflow train`"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "model file {path} is a zip archive, such as an anomalib (Lightning) .ckpt or a PyTorch .pth, not a patchflow model file: convert an anomalib checkpoint with `patchflow import {path} --output model.safetensors`"
+    )]
+    ZipArchive { path: PathBuf },
     #[error("tensor {name} is missing from the weights")]
     MissingTensor { name: String },
     #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]

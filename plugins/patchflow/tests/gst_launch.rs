@@ -212,6 +212,30 @@ fn gst_launch_reports_missing_model() {
 }
 
 #[test]
+fn gst_launch_threads_are_set_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let environment = PluginEnvironment::new();
+    // Elements start from the sink upwards, so `last` sizes the process's pool and
+    // `first` asks for another size too late.
+    let pipeline = format!(
+        "videotestsrc num-buffers=3 ! video/x-raw,width=64,height=64 ! videoconvert ! \
+         patchflowscore name=first threads=1 model={model} ! \
+         patchflowscore name=last threads=2 model={model} ! fakesink",
+        model = path_str(&model)
+    );
+    let mut args = vec!["-m"];
+    args.extend(pipeline.split_whitespace());
+
+    let output = environment.run("gst-launch-1.0", &args);
+    assert_success(&output, "gst-launch-1.0");
+    assert_eq!(count_reports(&output.stdout), 6, "{}", output.stdout);
+    let all = format!("{}{}", output.stdout, output.stderr);
+    assert!(all.contains("threads=1 ignored"), "{all}");
+    assert!(all.contains("already runs inference on 2"), "{all}");
+}
+
+#[test]
 fn gst_inspect_lists_properties() {
     let environment = PluginEnvironment::new();
 
@@ -232,6 +256,7 @@ fn gst_inspect_lists_properties() {
         "mqtt-client-cert-file",
         "mqtt-client-key-file",
         "mqtt-stats",
+        "threads",
     ] {
         let line = format!("\n  {property:<20}: ");
         assert!(

@@ -89,6 +89,8 @@ struct Settings {
     mqtt_tls: TlsFiles,
     scoring_interval: u32,
     scoring_mode: ScoringMode,
+    /// CPU threads of the process's inference pool, 0 for the default.
+    threads: u32,
 }
 
 impl Default for Settings {
@@ -108,6 +110,7 @@ impl Default for Settings {
             mqtt_tls: TlsFiles::default(),
             scoring_interval: DEFAULT_SCORING_INTERVAL,
             scoring_mode: ScoringMode::Interval,
+            threads: 0,
         }
     }
 }
@@ -359,6 +362,18 @@ impl ObjectImpl for PatchflowScore {
                     )
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("threads")
+                    .nick("CPU threads")
+                    .blurb(
+                        "CPU threads that inference runs on, 0 for RAYON_NUM_THREADS when set, \
+                         else one per logical CPU. The pool is shared by the whole process and \
+                         its size is fixed when the first model runs, so a different value on \
+                         a later element is reported as a warning and ignored.",
+                    )
+                    .maximum(1024)
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("frames-skipped")
                     .nick("Frames skipped")
                     .blurb(
@@ -520,6 +535,9 @@ impl ObjectImpl for PatchflowScore {
                 settings.threshold_set = true;
                 self.check_decision(&settings);
             }
+            "threads" => {
+                settings.threads = value.get().expect("type checked upstream");
+            }
             "scoring-mode" => {
                 let mode = value.get().expect("type checked upstream");
                 gst::info!(
@@ -654,6 +672,7 @@ impl ObjectImpl for PatchflowScore {
             "threshold-domain" => settings.threshold_domain.to_value(),
             "scoring-interval" => settings.scoring_interval.to_value(),
             "scoring-mode" => settings.scoring_mode.to_value(),
+            "threads" => settings.threads.to_value(),
             "frames-skipped" => {
                 drop(settings);
                 let state = self.state.lock().unwrap();
@@ -741,6 +760,16 @@ impl BaseTransformImpl for PatchflowScore {
             ));
         }
 
+        match patchflow::device::set_cpu_threads(settings.threads as usize) {
+            Ok(threads) => gst::info!(CAT, imp = self, "Scoring on {} CPU threads", threads),
+            Err(err) => {
+                gst::element_imp_warning!(
+                    self,
+                    gst::LibraryError::Settings,
+                    ("threads={} ignored: {}", settings.threads, err)
+                );
+            }
+        }
         let scorer = self.load_model(&settings)?;
         let mqtt = if settings.mqtt_url.is_empty() {
             None
