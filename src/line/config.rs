@@ -635,8 +635,14 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = Self::parse(&text, base).map_err(fail)?;
+        // Absolute, so that paths in logs and event messages do not depend on the
+        // directory the run was started from.
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+        let mut config = Self::parse(&text, &base).map_err(fail)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
@@ -1075,9 +1081,21 @@ fn parse_valid_keys<T: DeserializeOwned>(section: &toml::Value) -> Option<T> {
 }
 
 fn resolve(path: &mut String, base: &Path) {
-    if !path.is_empty() && Path::new(path.as_str()).is_relative() {
-        *path = base.join(path.as_str()).to_string_lossy().into_owned();
+    if path.is_empty() || Path::new(path.as_str()).is_absolute() {
+        return;
     }
+    let relative = Path::new(path.as_str());
+    let mut joined = base.to_path_buf();
+    let mut rest = relative.components().peekable();
+    // Leading `..` steps out of `base` itself. That is exact when `base` contains no links,
+    // as after canonicalisation, so only then are they folded into it.
+    if std::fs::canonicalize(base).is_ok_and(|canonical| canonical == base) {
+        while rest.peek() == Some(&std::path::Component::ParentDir) && joined.pop() {
+            rest.next();
+        }
+    }
+    joined.extend(rest);
+    *path = joined.to_string_lossy().into_owned();
 }
 
 impl CameraConfig {
@@ -1632,6 +1650,27 @@ snapshot = { jpeg = true }
         ] {
             assert_listed(&found, field);
         }
+    }
+
+    #[test]
+    fn relative_paths_leave_a_canonical_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        let configs = base.join("configs");
+        std::fs::create_dir(&configs).unwrap();
+        let mut path = "../out/shots".to_owned();
+        resolve(&mut path, &configs);
+        assert_eq!(Path::new(&path), base.join("out/shots"));
+        let mut inner = "a/../b".to_owned();
+        resolve(&mut inner, &configs);
+        assert_eq!(Path::new(&inner), configs.join("a/../b"));
+        let mut absolute = "/srv/x".to_owned();
+        resolve(&mut absolute, &configs);
+        assert_eq!(absolute, "/srv/x");
+        // A base that does not exist is joined as it is.
+        let mut missing = "../m".to_owned();
+        resolve(&mut missing, Path::new("/nonexistent/configs"));
+        assert_eq!(missing, "/nonexistent/configs/../m");
     }
 
     #[test]
