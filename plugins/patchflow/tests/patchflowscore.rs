@@ -493,6 +493,34 @@ fn out_of_range_threshold_fails_to_start() {
 }
 
 #[test]
+fn newest_mode_scores_last_frame_before_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::write_model(dir.path(), &support::small_config());
+    let scorer = Scorer::new(&model, &[("scoring-mode", "newest")]);
+    let info = video_info("RGB", 64, 48);
+    let mut harness = scorer.harness(&info);
+
+    const FRAMES: u64 = 10;
+    for _ in 0..FRAMES {
+        harness.push_and_pull(pattern_buffer(&info)).unwrap();
+    }
+    // End-of-stream waits for the frame left for the scoring thread, so its report is
+    // already on the bus when the event has passed.
+    assert!(harness.push_event(gst::event::Eos::new()));
+    let mut scored = Vec::new();
+    while let Some(message) = scorer.bus.pop_filtered(&[gst::MessageType::Element]) {
+        scored.push(message.structure().unwrap().get::<u64>("frame").unwrap());
+    }
+    assert_eq!(scored.last(), Some(&(FRAMES - 1)), "{scored:?}");
+    let skipped = scorer.element.property::<u64>("frames-skipped");
+    assert_eq!(
+        scored.len() as u64 + skipped,
+        FRAMES,
+        "{scored:?}, {skipped} skipped"
+    );
+}
+
+#[test]
 fn newest_mode_never_waits_for_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = support::write_model(dir.path(), &support::small_config());

@@ -202,12 +202,40 @@ struct Mailbox {
     pending: Option<Job>,
     /// Heatmap of the last scored frame.
     last_heat: Option<HeatMap>,
+    /// Whether the scoring thread is scoring a frame it took.
+    busy: bool,
     stop: bool,
+}
+
+/// Mailbox of `scoring-mode=newest`, with the condition variable that both threads wait on.
+type SharedMailbox = Arc<(Mutex<Mailbox>, Condvar)>;
+
+/// Waits until the scoring thread has scored the frame left for it and the one it was
+/// scoring, or has stopped.
+fn drain(mailbox: &SharedMailbox) {
+    let (lock, wake) = &**mailbox;
+    let mut mailbox = lock.lock().unwrap();
+    while (mailbox.pending.is_some() || mailbox.busy) && !mailbox.stop {
+        mailbox = wake.wait(mailbox).unwrap();
+    }
+}
+
+/// Clears [`Mailbox::busy`] when dropped, at the end of each frame the scoring thread took.
+struct Finished<'a>(&'a SharedMailbox);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let (lock, wake) = &**self.0;
+        if let Ok(mut mailbox) = lock.lock() {
+            mailbox.busy = false;
+        }
+        wake.notify_all();
+    }
 }
 
 /// The scoring thread of `scoring-mode=newest` and its mailbox.
 struct Worker {
-    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
+    mailbox: SharedMailbox,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -218,7 +246,9 @@ impl Worker {
         let (lock, wake) = &*self.mailbox;
         let mut mailbox = lock.lock().unwrap();
         let replaced = mailbox.pending.replace(job).is_some();
-        wake.notify_one();
+        // Wakes every waiter, because a thread that waits for the mailbox to drain shares
+        // the condition variable.
+        wake.notify_all();
         (replaced, mailbox.last_heat.clone())
     }
 
@@ -226,7 +256,7 @@ impl Worker {
     fn stop(mut self) {
         let (lock, wake) = &*self.mailbox;
         lock.lock().unwrap().stop = true;
-        wake.notify_one();
+        wake.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -357,8 +387,9 @@ impl ObjectImpl for PatchflowScore {
                          the last heatmap, and the worker always takes the newest frame, so a \
                          live source is never slowed down. Bus and MQTT messages carry the \
                          number and timestamp of the frame that was scored. Meant for live \
-                         sources: a file played faster than real time skips most frames, and \
-                         a frame still waiting at the end of the stream is not scored.",
+                         sources: a file played faster than real time skips most frames. At \
+                         end of stream, the frame still waiting is scored before the \
+                         end-of-stream event passes on.",
                     )
                     .mutable_ready()
                     .build(),
@@ -748,6 +779,13 @@ impl BaseTransformImpl for PatchflowScore {
     const PASSTHROUGH_ON_SAME_CAPS: bool = false;
     const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
 
+    fn sink_event(&self, event: gst::Event) -> bool {
+        if event.type_() == gst::EventType::Eos {
+            self.drain_worker();
+        }
+        self.parent_sink_event(event)
+    }
+
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
         if let Err(err) = settings.check_threshold() {
@@ -995,6 +1033,20 @@ impl PatchflowScore {
     /// Starts the scoring thread of `scoring-mode=newest`. It scores the newest frame left
     /// in its mailbox, stores the heatmap for the streaming thread and posts the frame's
     /// bus and MQTT messages.
+    /// Waits, at end of stream in `scoring-mode=newest`, until the frame still waiting for
+    /// the scoring thread is scored, so that its report comes before end-of-stream.
+    fn drain_worker(&self) {
+        let mailbox = self
+            .state
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|state| state.worker.as_ref().map(|w| w.mailbox.clone()));
+        if let Some(mailbox) = mailbox {
+            drain(&mailbox);
+        }
+    }
+
     fn start_worker(&self, scorer: Arc<Scorer>) -> Result<Worker, gst::ErrorMessage> {
         let mailbox = Arc::new((Mutex::new(Mailbox::default()), Condvar::new()));
         let shared = mailbox.clone();
@@ -1012,8 +1064,12 @@ impl PatchflowScore {
                         if mailbox.stop {
                             return;
                         }
+                        mailbox.busy = true;
                         mailbox.pending.take().expect("woken with a pending frame")
                     };
+                    // Marks the frame done when this iteration ends, on every path, and
+                    // wakes a thread waiting for the mailbox to drain.
+                    let _done = Finished(&shared);
                     let started = Instant::now();
                     let result = scorer.score_frame(&PackedFrame {
                         data: &job.data,
