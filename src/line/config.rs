@@ -96,6 +96,39 @@ pub enum SourceConfig {
     },
 }
 
+/// Largest `width` and `height` of a `test` source.
+const MAX_TEST_SIZE: u32 = 16384;
+
+/// The patterns of GStreamer 1.22's `videotestsrc`, as its `pattern` property names them.
+const TEST_PATTERNS: [&str; 26] = [
+    "smpte",
+    "snow",
+    "black",
+    "white",
+    "red",
+    "green",
+    "blue",
+    "checkers-1",
+    "checkers-2",
+    "checkers-4",
+    "checkers-8",
+    "circular",
+    "blink",
+    "smpte75",
+    "zone-plate",
+    "gamut",
+    "chroma-zone-plate",
+    "solid-color",
+    "ball",
+    "smpte100",
+    "bar",
+    "pinwheel",
+    "spokes",
+    "gradient",
+    "colors",
+    "smpte-rp-219",
+];
+
 fn default_framerate() -> u32 {
     25
 }
@@ -184,7 +217,7 @@ pub struct SnapshotConfig {
     /// Folder for `<event id>-start.jpg` and `<event id>-peak.jpg`. Unset: no files.
     pub folder: Option<String>,
     /// JPEG quality, 1 to 100.
-    pub quality: u8,
+    pub quality: u32,
     /// Publish each new snapshot on `<prefix>/<camera>/snapshot` (needs `[mqtt]`).
     pub publish: bool,
 }
@@ -1223,8 +1256,42 @@ impl CameraConfig {
                     ),
                 ));
             }
-            SourceConfig::Test { framerate: 0, .. } => {
-                p.push(("source", "framerate", "must be at least 1".into()))
+            SourceConfig::Test {
+                num_buffers,
+                width,
+                height,
+                framerate,
+                pattern,
+                ..
+            } => {
+                if *framerate == 0 {
+                    p.push(("source", "framerate", "must be at least 1".into()));
+                }
+                if !(1..=i32::MAX as u32).contains(num_buffers) {
+                    p.push((
+                        "source",
+                        "num_buffers",
+                        format!("{num_buffers} must be from 1 to {}", i32::MAX),
+                    ));
+                }
+                for (key, value) in [("width", width), ("height", height)] {
+                    if !(1..=MAX_TEST_SIZE).contains(value) {
+                        p.push((
+                            "source",
+                            key,
+                            format!("{value} must be from 1 to {MAX_TEST_SIZE} pixels"),
+                        ));
+                    }
+                }
+                if let Some(pattern) = pattern
+                    && !TEST_PATTERNS.contains(&pattern.as_str())
+                {
+                    p.push((
+                        "source",
+                        "pattern",
+                        format!("{pattern:?}: expected one of {}", TEST_PATTERNS.join(", ")),
+                    ));
+                }
             }
             _ => {}
         }
@@ -1674,12 +1741,42 @@ snapshot = { jpeg = true }
     }
 
     #[test]
-    fn snapshots_are_off_unless_a_folder_or_publish_is_set() {
+    fn test_source_values_are_checked() {
+        let found = problems(
+            r#"
+[[lines]]
+name = "a"
+[[lines.cameras]]
+name = "cam"
+source = { kind = "test", num_buffers = 3000000000, width = 0, pattern = "nosuchpattern" }
+snapshot = { quality = 101 }
+"#,
+        );
+        for field in [
+            "lines[0].cameras[0].source.num_buffers",
+            "lines[0].cameras[0].source.width",
+            "lines[0].cameras[0].source.pattern",
+            "lines[0].cameras[0].snapshot.quality",
+        ] {
+            assert_listed(&found, field);
+        }
+        let quality = found
+            .iter()
+            .find(|p| p.contains("snapshot.quality"))
+            .unwrap();
+        assert!(quality.contains("from 1 to 100"), "{quality}");
+    }
+
+    #[test]
+    fn snapshot_defaults_are_off() {
         assert!(!SnapshotConfig::default().enabled());
         let files: SnapshotConfig = toml::from_str("folder = \"shots\"").unwrap();
-        assert!(files.enabled() && !files.publish && files.quality == 90);
+        assert!(files.enabled());
+        assert!(!files.publish);
+        assert_eq!(files.quality, 90);
         let published: SnapshotConfig = toml::from_str("publish = true").unwrap();
-        assert!(published.enabled() && published.folder.is_none());
+        assert!(published.enabled());
+        assert!(published.folder.is_none());
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub fn ensure_element() -> Result<()> {
 
 /// Loads a config, runs every camera and prints a summary per camera and for MQTT.
 pub fn run_file(path: &Path) -> Result<ExitCode> {
+    run::install_signal_handlers()?;
     let config = Config::load(path)?;
     let summary = run(&config, |_| {})?;
     for (line, camera, stats) in &summary.cameras {

@@ -107,10 +107,20 @@ impl Output {
         self.send(&topic, message.to_json(), self.config.score());
     }
 
-    /// Publishes a JPEG snapshot of an event frame.
+    /// Publishes a JPEG snapshot of an event frame. When it cannot be queued (too large,
+    /// or the queue is full), an empty retained message clears the topic's retained
+    /// picture, so that a late subscriber does not take an older event's picture for this
+    /// one.
     pub fn snapshot(&self, camera: &str, jpeg: Vec<u8>) {
         let topic = format!("{}/{camera}/snapshot", self.config.prefix);
-        self.send(&topic, jpeg, self.config.snapshot());
+        let delivery = self.config.snapshot();
+        let queued = self
+            .publisher
+            .publish_with(&topic, jpeg, delivery.qos, delivery.retain);
+        if !queued && delivery.retain {
+            self.publisher
+                .publish_with(&topic, Vec::new(), delivery.qos, true);
+        }
     }
 
     /// Returns a limiter for one camera's score messages, `None` when no score messages

@@ -57,6 +57,15 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     .map_err(|e| anyhow!(e))
 }
 
+/// Installs the SIGINT, SIGTERM and SIGHUP handlers of [`run`] now, so that a signal
+/// that arrives while the config and the models load is not fatal. Once a stop signal
+/// arrived, the flag stays set for the life of the process.
+pub fn install_signal_handlers() -> Result<()> {
+    stop_flag()?;
+    reload_flag()?;
+    Ok(())
+}
+
 /// Returns the process-wide reload flag, installing the SIGHUP handler on the first call.
 fn reload_flag() -> Result<Arc<AtomicBool>> {
     static RELOAD: OnceLock<Result<Arc<AtomicBool>, String>> = OnceLock::new();
@@ -187,10 +196,10 @@ fn reload(config: &Config, live: &[LiveSettings]) {
 /// `on_start` receives the metrics registry before the cameras start.
 pub fn run(config: &Config, on_start: impl FnOnce(&Arc<Registry>)) -> Result<RunSummary> {
     super::ensure_element()?;
+    // A signal that arrived after `install_signal_handlers` and before this point still
+    // counts: SIGINT or SIGTERM stops the cameras as soon as they play.
     let stop = stop_flag()?;
-    stop.store(false, Ordering::SeqCst);
     let reload_requested = reload_flag()?;
-    reload_requested.store(false, Ordering::SeqCst);
     let live: Vec<LiveSettings> = config.cameras.iter().map(LiveSettings::new).collect();
     let registry = Arc::new(Registry::new());
     let metrics: Vec<Arc<CameraMetrics>> = config
@@ -459,8 +468,16 @@ impl CameraRun<'_> {
         }
     }
 
-    /// Builds and plays the camera's pipeline until end-of-stream or an error.
+    /// Builds and plays the camera's pipeline until end-of-stream or an error, and records
+    /// the outcome in the camera's metrics.
     fn run_pipeline(&self, watch: &mut Watch) -> Result<(), String> {
+        let result = self.build_and_play(watch);
+        self.metrics
+            .set_stopped(result.as_ref().err().map(String::as_str));
+        result
+    }
+
+    fn build_and_play(&self, watch: &mut Watch) -> Result<(), String> {
         let camera = &self.camera.name;
         let staged = match pipeline::needs_staging(self.camera) {
             Some(location) => Some(StagedImages::create(location, camera)?),
@@ -472,9 +489,12 @@ impl CameraRun<'_> {
                 .map_err(|e| format!("cannot create sink folder {folder}: {e}"))?,
             _ => {}
         }
-        if let Some(folder) = &self.camera.snapshot.folder {
-            std::fs::create_dir_all(folder)
-                .map_err(|e| format!("cannot create snapshot folder {folder}: {e}"))?;
+        // Snapshots are secondary to scoring: without their folder the camera still runs,
+        // and each failed write is logged and counted.
+        if let Some(folder) = &self.camera.snapshot.folder
+            && let Err(e) = std::fs::create_dir_all(folder)
+        {
+            tracing::warn!(camera = %camera, folder = %folder, error = %e, "cannot create the snapshot folder; the camera runs without snapshot files");
         }
         // A restarted pipeline takes the scoring settings of the latest reload.
         let live = self.live.get();
@@ -511,8 +531,6 @@ impl CameraRun<'_> {
             watch.skipped.finish(&pipeline, self.metrics);
             result
         };
-        self.metrics
-            .set_stopped(result.as_ref().err().map(String::as_str));
         pipeline.set_state(gst::State::Null).ok();
         result
     }
@@ -595,6 +613,7 @@ impl CameraRun<'_> {
                 }
             },
         };
+
         scorer.set_property_from_str("threshold-domain", &s.threshold_domain);
         scorer.set_property("threshold", threshold);
         scorer.set_property("overlay", s.overlay);
@@ -744,7 +763,7 @@ fn create_parent(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the pipeline has finished its last state change.
+/// Returns whether the pipeline has finished its last state change.
 ///
 /// `send_event` holds the pipeline's state lock while it hands end-of-stream to the
 /// sources, and a source's streaming thread may hold the source's lock while a sink waits

@@ -234,6 +234,8 @@ pub struct Snapshots {
     written_peak: Option<u64>,
     /// Path of the active event's start snapshot, once written.
     start_file: Option<String>,
+    /// Path of the active event's peak snapshot, once written.
+    peak_file: Option<String>,
     /// Snapshot files written and failures, for the run summary.
     pub written: u64,
     pub failed: u64,
@@ -248,6 +250,7 @@ impl Snapshots {
             peak: None,
             written_peak: None,
             start_file: None,
+            peak_file: None,
             written: 0,
             failed: 0,
         }
@@ -298,32 +301,35 @@ impl Snapshots {
             self.peak = None;
             self.written_peak = None;
             self.start_file = None;
+            self.peak_file = None;
             self.set_peak(event.peak_frame);
             let name = format!("{}-start.jpg", event.id);
-            if let Some(copy) = self.find(frame)
-                && let Some(jpeg) = self.write(&copy, &name)
-            {
-                self.start_file = self.path(&name);
-                published = Some(jpeg);
+            if let Some(copy) = self.find(frame) {
+                let (jpeg, written) = self.write(&copy, &name);
+                if written {
+                    self.start_file = self.path(&name);
+                }
+                published = jpeg;
             }
         }
         let peak = self.peak.clone().filter(|p| p.frame == event.peak_frame);
         let name = format!("{}-peak.jpg", event.id);
         if let Some(peak) = peak
             && self.written_peak != Some(peak.frame)
-            && let Some(jpeg) = self.write(&peak, &name)
         {
+            let (jpeg, written) = self.write(&peak, &name);
             self.written_peak = Some(peak.frame);
-            published = Some(jpeg);
+            self.peak_file = written.then(|| self.path(&name)).flatten();
+            if jpeg.is_some() {
+                published = jpeg;
+            }
         }
-        event.snapshot = match self.written_peak {
-            Some(_) => self.path(&name),
-            None => self.start_file.clone(),
-        };
+        event.snapshot = self.peak_file.clone().or_else(|| self.start_file.clone());
         if event.kind == EventKind::End {
             self.peak = None;
             self.written_peak = None;
             self.start_file = None;
+            self.peak_file = None;
         }
         published
             .filter(|_| self.config.publish)
@@ -336,26 +342,31 @@ impl Snapshots {
         Some(Path::new(folder).join(name).to_string_lossy().into_owned())
     }
 
-    /// Encodes `copy` and writes it as `name` into the folder, when one is set. Returns the
-    /// JPEG bytes, or `None` after an error, which is logged and counted.
-    fn write(&mut self, copy: &CapturedFrame, name: &str) -> Option<Vec<u8>> {
-        let result = copy.to_jpeg(self.config.quality).and_then(|jpeg| {
-            if let Some(folder) = &self.config.folder {
-                write_atomically(&Path::new(folder).join(name), &jpeg)?;
+    /// Encodes `copy` and writes it as `name` into the folder, when one is set. Returns
+    /// the JPEG bytes, for publishing even when the file could not be written, and whether
+    /// the file was written. Errors are logged and counted.
+    fn write(&mut self, copy: &CapturedFrame, name: &str) -> (Option<Vec<u8>>, bool) {
+        // The config check keeps the quality within 1 to 100.
+        let jpeg = match copy.to_jpeg(self.config.quality.clamp(1, 100) as u8) {
+            Ok(jpeg) => jpeg,
+            Err(e) => {
+                self.failed += 1;
+                tracing::warn!(snapshot = name, error = %e, "cannot encode the snapshot");
+                return (None, false);
             }
-            Ok(jpeg)
-        });
-        match result {
-            Ok(jpeg) => {
-                if self.config.folder.is_some() {
-                    self.written += 1;
-                }
-                Some(jpeg)
+        };
+        let Some(folder) = &self.config.folder else {
+            return (Some(jpeg), false);
+        };
+        match write_atomically(&Path::new(folder).join(name), &jpeg) {
+            Ok(()) => {
+                self.written += 1;
+                (Some(jpeg), true)
             }
             Err(e) => {
                 self.failed += 1;
                 tracing::warn!(snapshot = name, error = %e, "cannot write the snapshot");
-                None
+                (Some(jpeg), false)
             }
         }
     }
@@ -496,12 +507,15 @@ mod tests {
     }
 
     #[test]
-    fn unwritable_folder_is_counted() {
+    fn unwritable_folder_still_publishes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = snapshots(&dir.path().join("missing"), false);
+        let mut s = snapshots(&dir.path().join("missing"), true);
         give(&mut s, frame(5, 1));
         let mut start = event(EventKind::Start, 5);
-        s.on_event(&mut start, 5);
+        let published = s
+            .on_event(&mut start, 5)
+            .expect("published without the file");
+        assert_eq!(&published.jpeg[..2], &[0xFF, 0xD8]);
         assert_eq!((s.written, s.failed), (0, 2));
         assert_eq!(start.snapshot, None);
     }
