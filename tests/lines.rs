@@ -167,17 +167,44 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
+/// A `patchflow run` process that is killed when the test ends, also when an assertion
+/// fails first, so that no endless camera outlives its test.
+struct RunProcess(Child);
+
+impl std::ops::Deref for RunProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RunProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+}
+
 /// Starts `patchflow run CONFIG` with stderr written to `dir/run.log`.
-fn spawn_run(config: &Path, dir: &Path, broker: &Broker) -> Child {
+fn spawn_run(config: &Path, dir: &Path, broker: &Broker) -> RunProcess {
     let log = std::fs::File::create(dir.join("run.log")).unwrap();
-    patchflow()
+    let child = patchflow()
         .arg("run")
         .arg(config)
         .env("PATCHFLOW_TEST_BROKER", broker.url())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    RunProcess(child)
 }
 
 fn run_log(dir: &Path) -> String {
