@@ -25,6 +25,24 @@ pub enum PixelLayout {
 }
 
 impl PixelLayout {
+    /// Returns the layout of a packed 8-bit RGB video format, `None` for other formats.
+    pub fn from_video_format(format: gst_video::VideoFormat) -> Option<Self> {
+        use gst_video::VideoFormat as F;
+        Some(match format {
+            F::Rgb => PixelLayout::Rgb,
+            F::Bgr => PixelLayout::Bgr,
+            F::Rgbx => PixelLayout::Rgbx,
+            F::Bgrx => PixelLayout::Bgrx,
+            F::Xrgb => PixelLayout::Xrgb,
+            F::Xbgr => PixelLayout::Xbgr,
+            F::Rgba => PixelLayout::Rgba,
+            F::Bgra => PixelLayout::Bgra,
+            F::Argb => PixelLayout::Argb,
+            F::Abgr => PixelLayout::Abgr,
+            _ => return None,
+        })
+    }
+
     /// Number of bytes one pixel takes.
     pub fn bytes_per_pixel(self) -> usize {
         match self {

@@ -173,8 +173,8 @@ fn copy_frame(
     frame: u64,
 ) -> Result<CapturedFrame, String> {
     let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| e.to_string())?;
-    let layout =
-        layout_of(info.format()).ok_or_else(|| format!("unsupported format {}", info.format()))?;
+    let layout = PixelLayout::from_video_format(info.format())
+        .ok_or_else(|| format!("unsupported format {}", info.format()))?;
     let video = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info)
         .map_err(|e| e.to_string())?;
     let (width, height) = (info.width() as usize, info.height() as usize);
@@ -195,24 +195,6 @@ fn copy_frame(
         height,
         layout,
         data,
-    })
-}
-
-/// Returns the pixel layout of a packed RGB format that the scoring element accepts.
-fn layout_of(format: gst_video::VideoFormat) -> Option<PixelLayout> {
-    use gst_video::VideoFormat as F;
-    Some(match format {
-        F::Rgb => PixelLayout::Rgb,
-        F::Bgr => PixelLayout::Bgr,
-        F::Rgbx => PixelLayout::Rgbx,
-        F::Bgrx => PixelLayout::Bgrx,
-        F::Xrgb => PixelLayout::Xrgb,
-        F::Xbgr => PixelLayout::Xbgr,
-        F::Rgba => PixelLayout::Rgba,
-        F::Bgra => PixelLayout::Bgra,
-        F::Argb => PixelLayout::Argb,
-        F::Abgr => PixelLayout::Abgr,
-        _ => return None,
     })
 }
 

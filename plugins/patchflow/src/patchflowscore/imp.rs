@@ -872,7 +872,7 @@ impl VideoFilterImpl for PatchflowScore {
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let settings = FrameSettings::from(&*self.settings.lock().unwrap());
 
-        let Some(layout) = pixel_layout(frame.format()) else {
+        let Some(layout) = PixelLayout::from_video_format(frame.format()) else {
             gst::element_imp_error!(
                 self,
                 gst::CoreError::Negotiation,
@@ -1441,26 +1441,6 @@ fn path_value(path: Option<&PathBuf>) -> glib::Value {
         .to_value()
 }
 
-/// Byte layout of a negotiated video format, `None` for formats outside [`FORMATS`].
-fn pixel_layout(format: gst_video::VideoFormat) -> Option<PixelLayout> {
-    use gst_video::VideoFormat;
-
-    let layout = match format {
-        VideoFormat::Rgb => PixelLayout::Rgb,
-        VideoFormat::Bgr => PixelLayout::Bgr,
-        VideoFormat::Rgbx => PixelLayout::Rgbx,
-        VideoFormat::Bgrx => PixelLayout::Bgrx,
-        VideoFormat::Xrgb => PixelLayout::Xrgb,
-        VideoFormat::Xbgr => PixelLayout::Xbgr,
-        VideoFormat::Rgba => PixelLayout::Rgba,
-        VideoFormat::Bgra => PixelLayout::Bgra,
-        VideoFormat::Argb => PixelLayout::Argb,
-        VideoFormat::Abgr => PixelLayout::Abgr,
-        _ => return None,
-    };
-    Some(layout)
-}
-
 /// Checks that `topic` is a topic name that a client may publish to: non-empty, at most
 /// 65535 bytes, and free of the wildcards `+` and `#` and of NUL.
 fn is_valid_topic(topic: &str) -> bool {
@@ -1474,9 +1454,12 @@ mod tests {
     #[test]
     fn pixel_layout_covers_template_formats() {
         for format in FORMATS {
-            assert!(pixel_layout(format).is_some(), "{format:?}");
+            assert!(
+                PixelLayout::from_video_format(format).is_some(),
+                "{format:?}"
+            );
         }
-        assert!(pixel_layout(gst_video::VideoFormat::I420).is_none());
+        assert!(PixelLayout::from_video_format(gst_video::VideoFormat::I420).is_none());
     }
 
     #[test]
