@@ -336,13 +336,20 @@ impl Publisher {
     /// Queues a message like [`Publisher::publish`], with its own QoS (0, 1 or 2) and retain
     /// flag. A QoS above 2 is rejected and counted as dropped.
     pub fn publish_with(&self, topic: &str, payload: Vec<u8>, qos: u8, retain: bool) -> bool {
-        match qos_from_level(qos) {
-            Ok(qos) => self.queue(topic, payload, qos, retain),
-            Err(_) => {
-                self.count_drop("invalid MQTT QoS, expected 0, 1 or 2", topic);
-                false
-            }
+        match self.qos_or_drop(qos, topic) {
+            Some(qos) => self.queue(topic, payload, qos, retain),
+            None => false,
         }
+    }
+
+    /// Converts a QoS level, or counts the message for `topic` as dropped when it is not
+    /// 0, 1 or 2.
+    fn qos_or_drop(&self, qos: u8, topic: &str) -> Option<QoS> {
+        let qos = qos_from_level(qos).ok();
+        if qos.is_none() {
+            self.count_drop("invalid MQTT QoS, expected 0, 1 or 2", topic);
+        }
+        qos
     }
 
     /// Queues a state message like [`Publisher::publish_with`] and keeps it as the topic's
@@ -350,12 +357,8 @@ impl Publisher {
     /// right after the birth message, so that a broker restarted without persistence gets
     /// its retained states back. A state that the full queue dropped still goes out then.
     pub fn publish_state(&self, topic: &str, payload: Vec<u8>, qos: u8, retain: bool) -> bool {
-        let qos = match qos_from_level(qos) {
-            Ok(qos) => qos,
-            Err(_) => {
-                self.count_drop("invalid MQTT QoS, expected 0, 1 or 2", topic);
-                return false;
-            }
+        let Some(qos) = self.qos_or_drop(qos, topic) else {
+            return false;
         };
         let Some(message) = self.message(topic, payload, qos, retain) else {
             return false;

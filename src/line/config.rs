@@ -741,6 +741,7 @@ impl Config {
             p.push("lines", "must contain at least one line".into());
         }
 
+        let has_mqtt = root.contains_key("mqtt");
         let mut cameras = Vec::new();
         let mut camera_names: HashMap<String, String> = HashMap::new();
         let mut line_names: HashMap<String, String> = HashMap::new();
@@ -806,7 +807,6 @@ impl Config {
                 // still checked, so that one run lists every problem.
                 let line_name = line_name.clone().unwrap_or_default();
                 let name = name.unwrap_or_default();
-                let has_mqtt = root.contains_key("mqtt");
                 if let Some(camera) =
                     build_camera(&line_name, name, &levels, base, has_mqtt, &mut p)
                 {

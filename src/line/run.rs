@@ -722,7 +722,7 @@ impl CameraRun<'_> {
         for event in &mut alarm.events {
             let published = snapshots.on_event(event, frame.unwrap_or(watch.last_frame));
             if let (Some(published), Some(output)) = (published, self.output) {
-                output.snapshot(&self.camera.name, published.jpeg);
+                output.snapshot(&self.camera.name, published);
             }
         }
         self.metrics

@@ -198,12 +198,6 @@ fn copy_frame(
     })
 }
 
-/// A snapshot to publish on the camera's `snapshot` topic.
-#[derive(Debug)]
-pub struct Published {
-    pub jpeg: Vec<u8>,
-}
-
 /// The camera thread's side: recent copies, the active event's peak, and the files.
 #[derive(Debug)]
 pub struct Snapshots {
@@ -277,7 +271,7 @@ impl Snapshots {
     /// A `start` event writes `<id>-start.jpg` from `frame`, the frame that raised the
     /// alarm, and `<id>-peak.jpg`. An `update` or `end` rewrites the peak file when the
     /// peak frame changed since it was last written.
-    pub fn on_event(&mut self, event: &mut AlarmEvent, frame: u64) -> Option<Published> {
+    pub fn on_event(&mut self, event: &mut AlarmEvent, frame: u64) -> Option<Vec<u8>> {
         let mut published = None;
         if event.kind == EventKind::Start {
             self.peak = None;
@@ -313,9 +307,7 @@ impl Snapshots {
             self.start_file = None;
             self.peak_file = None;
         }
-        published
-            .filter(|_| self.config.publish)
-            .map(|jpeg| Published { jpeg })
+        published.filter(|_| self.config.publish)
     }
 
     /// Path of the snapshot file `name`, `None` when snapshots are only published.
@@ -436,7 +428,7 @@ mod tests {
         let peak_file = dir.path().join("cam-1-1000-1-peak.jpg");
         assert!(start_file.is_file());
         assert!(peak_file.is_file());
-        assert_eq!(std::fs::read(&peak_file).unwrap(), published.jpeg);
+        assert_eq!(std::fs::read(&peak_file).unwrap(), published);
         assert_eq!(
             start.snapshot.as_deref(),
             Some(&*peak_file.to_string_lossy())
@@ -453,7 +445,7 @@ mod tests {
         s.set_peak(9);
         let mut update = event(EventKind::Update, 9);
         let published = s.on_event(&mut update, 9).expect("new peak published");
-        assert_eq!(std::fs::read(&peak_file).unwrap(), published.jpeg);
+        assert_eq!(std::fs::read(&peak_file).unwrap(), published);
         assert_eq!(s.written, 3);
 
         let mut end = event(EventKind::End, 9);
@@ -497,7 +489,7 @@ mod tests {
         let published = s
             .on_event(&mut start, 5)
             .expect("published without the file");
-        assert_eq!(&published.jpeg[..2], &[0xFF, 0xD8]);
+        assert_eq!(&published[..2], &[0xFF, 0xD8]);
         assert_eq!((s.written, s.failed), (0, 2));
         assert_eq!(start.snapshot, None);
     }

@@ -217,7 +217,7 @@ fn gst_launch_threads_are_set_once() {
     let model = support::write_model(dir.path(), &support::small_config());
     let environment = PluginEnvironment::new();
     // Elements start from the sink upwards, so `last` sizes the process's pool and
-    // `first` asks for another size too late.
+    // `first` requests another size too late.
     let pipeline = format!(
         "videotestsrc num-buffers=3 ! video/x-raw,width=64,height=64 ! videoconvert ! \
          patchflowscore name=first threads=1 model={model} ! \
