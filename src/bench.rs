@@ -86,6 +86,17 @@ pub struct Budget {
 /// ones. The input is a deterministic pattern, not zeros, so that no layer gets a
 /// degenerate all-constant map.
 pub fn measure(model: &PatchFlow, name: &str, batch: usize, budget: Budget) -> Result<BenchResult> {
+    // On a pool thread, as `PatchFlow::forward` runs, so that the stages timed one by
+    // one below run as they do inside a forward pass.
+    crate::device::on_cpu_pool(|| measure_here(model, name, batch, budget))
+}
+
+fn measure_here(
+    model: &PatchFlow,
+    name: &str,
+    batch: usize,
+    budget: Budget,
+) -> Result<BenchResult> {
     if batch == 0 {
         bail!("batch size must be at least 1");
     }

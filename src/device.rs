@@ -4,6 +4,20 @@
 
 use candle_core::Device;
 
+/// Runs `f` on a thread of the inference pool and returns its result.
+///
+/// A forward pass runs hundreds of short parallel loops. Started from a thread outside
+/// the pool, each loop hands its work to the pool and puts the caller to sleep until it
+/// ends, which costs a wake-up and a sleep per loop. Started on a pool thread, the loops
+/// split their work in place. Called on a pool thread, `f` runs there directly.
+pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Sets the number of threads of the process-wide pool that CPU inference runs on, and
 /// returns the number in force. 0 keeps the default: `RAYON_NUM_THREADS` when set, else
 /// one thread per logical CPU.

@@ -210,6 +210,10 @@ impl PatchFlow {
 
     /// Full eval-mode forward pass on a normalised input at `input_size`.
     pub fn forward(&self, x: &Tensor) -> CandleResult<Inference> {
+        crate::device::on_cpu_pool(|| self.forward_here(x))
+    }
+
+    fn forward_here(&self, x: &Tensor) -> CandleResult<Inference> {
         let fused = self.embed(x)?;
         let (z, _) = self.flow_forward(&fused, false)?;
         let (map, score) = self.anomaly_map(&z)?;
