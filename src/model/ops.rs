@@ -71,6 +71,7 @@ pub const LEAKY_SLOPE: f32 = 0.2;
 
 impl Activation {
     /// Applies the activation to one value.
+    #[inline]
     pub fn apply_scalar(self, v: f32) -> f32 {
         match self {
             Activation::None => v,
@@ -83,6 +84,7 @@ impl Activation {
 
     /// Applies the activation in place, with one loop per activation so that each
     /// loop can be vectorised.
+    #[inline]
     pub fn apply_slice(self, values: &mut [f32]) {
         match self {
             Activation::None => {}
