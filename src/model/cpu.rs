@@ -331,6 +331,8 @@ impl CustomOp1 for DepthwiseSame {
 
 /// Output columns computed together, held in one AVX-512 register (two with AVX2).
 const LANES: usize = 16;
+/// Taps of the largest depthwise kernel (7 x 7).
+const MAX_TAPS: usize = 49;
 
 /// Sizes of one depthwise "SAME" convolution of an (h, w) plane.
 ///
@@ -461,36 +463,49 @@ fn depthwise_plane_body<const FMA: bool>(
             continue;
         }
         let line = &x[iy * g.w..(iy + 1) * g.w];
-        if s == 1 {
-            let first = g.left.min(pw);
-            let inside = g.w.min(pw - first);
-            row[..first].fill(0.0);
-            row[first..first + inside].copy_from_slice(&line[..inside]);
-            row[first + inside..].fill(0.0);
+        // Phase columns `first..end` hold input columns: 0 <= j s + phase - left < w.
+        let first = g.left.saturating_sub(phase).div_ceil(s).min(pw);
+        let end = (g.w + g.left)
+            .saturating_sub(phase)
+            .div_ceil(s)
+            .clamp(first, pw);
+        row[..first].fill(0.0);
+        row[end..].fill(0.0);
+        if first == end {
             continue;
         }
-        for (j, v) in row.iter_mut().enumerate() {
-            let ix = (j * s + phase).wrapping_sub(g.left);
-            *v = if ix < g.w { line[ix] } else { 0.0 };
+        let inside = &mut row[first..end];
+        let taps = &line[first * s + phase - g.left..];
+        if s == 1 {
+            inside.copy_from_slice(&taps[..inside.len()]);
+        } else {
+            for (v, t) in inside.iter_mut().zip(taps.iter().step_by(s)) {
+                *v = *t;
+            }
         }
     }
     let phases = &*phases;
+    // Where tap (ky, kx) of output (0, 0) reads, so that the inner loop does no
+    // division by the stride.
+    let mut offsets = [0usize; MAX_TAPS];
+    assert!(k * k <= MAX_TAPS, "depthwise kernel {k} is larger than 7");
+    for (t, offset) in offsets[..k * k].iter_mut().enumerate() {
+        let (ky, kx) = (t / k, t % k);
+        *offset = ((kx % s) * g.rows + ky) * pw + kx / s;
+    }
+    let (offsets, weight) = (&offsets[..k * k], &weight[..k * k]);
     assert_eq!(dst.len(), g.oh * g.ow);
     for (oy, out_row) in dst.chunks_exact_mut(g.ow).enumerate() {
         for (block, out) in out_row.chunks_mut(LANES).enumerate() {
-            let x0 = block * LANES;
+            let origin = oy * s * pw + block * LANES;
             let mut acc = [bias; LANES];
-            for ky in 0..k {
-                let y = oy * s + ky;
-                for kx in 0..k {
-                    let start = ((kx % s) * g.rows + y) * pw + kx / s + x0;
-                    let taps: &[f32; LANES] = phases[start..start + LANES]
-                        .try_into()
-                        .expect("phase rows hold whole blocks");
-                    let wt = weight[ky * k + kx];
-                    for (a, v) in acc.iter_mut().zip(taps) {
-                        *a = if FMA { v.mul_add(wt, *a) } else { *a + wt * v };
-                    }
+            for (&offset, &wt) in offsets.iter().zip(weight) {
+                let start = origin + offset;
+                let taps: &[f32; LANES] = phases[start..start + LANES]
+                    .try_into()
+                    .expect("phase rows hold whole blocks");
+                for (a, v) in acc.iter_mut().zip(taps) {
+                    *a = if FMA { v.mul_add(wt, *a) } else { *a + wt * v };
                 }
             }
             activation.apply_slice(&mut acc);
