@@ -355,6 +355,9 @@ struct DepthwiseGeometry {
     rows: usize,
     /// Values per phase row.
     phase_width: usize,
+    /// Where tap `ky * kernel + kx` of output (0, 0) reads in the phase planes, so
+    /// that the inner loop does no division by the stride.
+    offsets: [usize; MAX_TAPS],
 }
 
 impl DepthwiseGeometry {
@@ -363,6 +366,17 @@ impl DepthwiseGeometry {
         let (left, _) = same_padding(w, kernel, stride);
         let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
         let blocks = ow.div_ceil(LANES).max(1);
+        let rows = h + top + bottom;
+        let phase_width = blocks * LANES + (kernel - 1) / stride;
+        assert!(
+            kernel * kernel <= MAX_TAPS,
+            "depthwise kernel {kernel} is larger than 7"
+        );
+        let mut offsets = [0; MAX_TAPS];
+        for (t, offset) in offsets[..kernel * kernel].iter_mut().enumerate() {
+            let (ky, kx) = (t / kernel, t % kernel);
+            *offset = ((kx % stride) * rows + ky) * phase_width + kx / stride;
+        }
         Self {
             h,
             w,
@@ -372,8 +386,9 @@ impl DepthwiseGeometry {
             left,
             oh,
             ow,
-            rows: h + top + bottom,
-            phase_width: blocks * LANES + (kernel - 1) / stride,
+            rows,
+            phase_width,
+            offsets,
         }
     }
 
@@ -485,22 +500,41 @@ fn depthwise_plane_body<const FMA: bool>(
         }
     }
     let phases = &*phases;
-    // Where tap (ky, kx) of output (0, 0) reads, so that the inner loop does no
-    // division by the stride.
-    let mut offsets = [0usize; MAX_TAPS];
-    assert!(k * k <= MAX_TAPS, "depthwise kernel {k} is larger than 7");
-    for (t, offset) in offsets[..k * k].iter_mut().enumerate() {
-        let (ky, kx) = (t / k, t % k);
-        *offset = ((kx % s) * g.rows + ky) * pw + kx / s;
-    }
-    let (offsets, weight) = (&offsets[..k * k], &weight[..k * k]);
+    let (offsets, weight) = (&g.offsets[..k * k], &weight[..k * k]);
     assert_eq!(dst.len(), g.oh * g.ow);
-    for (oy, out_row) in dst.chunks_exact_mut(g.ow).enumerate() {
-        for (block, out) in out_row.chunks_mut(LANES).enumerate() {
-            let origin = oy * s * pw + block * LANES;
-            let mut acc = [bias; LANES];
-            for (&offset, &wt) in offsets.iter().zip(weight) {
-                let start = origin + offset;
+    // Rows go in groups of four: their sums are independent, so four chains of
+    // multiply-adds are in flight instead of one waiting on the last.
+    let mut rows = dst.chunks_exact_mut(g.ow * 4);
+    let mut oy = 0;
+    for group in &mut rows {
+        depthwise_rows::<4, FMA>(g, phases, offsets, weight, bias, activation, oy, group);
+        oy += 4;
+    }
+    for row in rows.into_remainder().chunks_exact_mut(g.ow) {
+        depthwise_rows::<1, FMA>(g, phases, offsets, weight, bias, activation, oy, row);
+        oy += 1;
+    }
+}
+
+/// Computes output rows `first..first + R` of a plane from its phase planes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_rows<const R: usize, const FMA: bool>(
+    g: &DepthwiseGeometry,
+    phases: &[f32],
+    offsets: &[usize],
+    weight: &[f32],
+    bias: f32,
+    activation: Activation,
+    first: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let pw = g.phase_width;
+    for x0 in (0..g.ow).step_by(LANES) {
+        let mut acc = [[bias; LANES]; R];
+        for (&offset, &wt) in offsets.iter().zip(weight) {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let start = (first + r) * g.stride * pw + x0 + offset;
                 let taps: &[f32; LANES] = phases[start..start + LANES]
                     .try_into()
                     .expect("phase rows hold whole blocks");
@@ -508,9 +542,13 @@ fn depthwise_plane_body<const FMA: bool>(
                     *a = if FMA { v.mul_add(wt, *a) } else { *a + wt * v };
                 }
             }
-            activation.apply_slice(&mut acc);
-            for (o, a) in out.iter_mut().zip(acc) {
-                o.write(a);
+        }
+        let n = LANES.min(g.ow - x0);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            activation.apply_slice(acc);
+            let out = &mut dst[r * g.ow + x0..r * g.ow + x0 + n];
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                o.write(*a);
             }
         }
     }
