@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::ops::{Activation, Padding, same_padding};
+use crate::imageops::{ResizeMode, resize_taps};
 
 /// Returns the contiguous f32 data of an op's input.
 fn input<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -554,6 +555,119 @@ fn depthwise_rows<const R: usize, const FMA: bool>(
     }
 }
 
+/// Pools and resizes backbone feature maps onto one grid and concatenates them along
+/// the channels: `AvgPool2d(kernel, stride 1, padding kernel / 2)` with the padding
+/// counted, then plain bilinear resizing (`align_corners=False`) to `grid`, as
+/// [`super::ops::avg_pool_same`] and [`super::ops::resize`] do, in one pass per plane.
+///
+/// `maps` are contiguous (B, C_i, H_i, W_i) values with the same B; the result is
+/// (B, sum C_i, grid.0, grid.1).
+pub fn pool_resize_concat(
+    maps: &[(&[f32], [usize; 4])],
+    kernel: usize,
+    (gh, gw): (usize, usize),
+) -> Vec<f32> {
+    let batch = maps.first().map_or(0, |(_, dims)| dims[0]);
+    let channels: usize = maps.iter().map(|(_, dims)| dims[1]).sum();
+    let pad = kernel / 2;
+    // Per map: the pooled size and the resize taps from it to the grid.
+    let plans: Vec<_> = maps
+        .iter()
+        .map(|(data, [b, c, h, w])| {
+            assert_eq!(*b, batch, "feature maps with different batch sizes");
+            assert_eq!(data.len(), b * c * h * w, "feature map size");
+            let (ph, pw) = (h + 2 * pad + 1 - kernel, w + 2 * pad + 1 - kernel);
+            let taps_h = resize_taps(ph, gh, ResizeMode::Bilinear);
+            let taps_w = resize_taps(pw, gw, ResizeMode::Bilinear);
+            (ph, pw, taps_h, taps_w)
+        })
+        .collect();
+    // For output channel `i` of the concatenation: its map and the channel in it.
+    let sources: Vec<(usize, usize)> = maps
+        .iter()
+        .enumerate()
+        .flat_map(|(m, (_, dims))| (0..dims[1]).map(move |c| (m, c)))
+        .collect();
+    let plane = gh * gw;
+    let mut out = vec![0f32; batch * channels * plane];
+    out.par_chunks_mut(plane.max(1)).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(pooled, rows), (index, dst)| {
+            let (b, i) = (index / channels, index % channels);
+            let (m, c) = sources[i];
+            let (data, [_, cm, h, w]) = maps[m];
+            let (ph, pw, taps_h, taps_w) = &plans[m];
+            let src = &data[(b * cm + c) * h * w..][..h * w];
+            avg_pool_plane(src, (h, w), kernel, pad, (*ph, *pw), pooled);
+            // Along each row to the grid's width, then down the columns.
+            rows.clear();
+            rows.resize(ph * gw, 0.0);
+            for (y, row) in rows.chunks_exact_mut(gw).enumerate() {
+                let line = &pooled[y * pw..(y + 1) * pw];
+                for (r, taps) in row.iter_mut().zip(taps_w) {
+                    let window = &line[taps.start..taps.start + taps.weights.len()];
+                    *r = window.iter().zip(&taps.weights).map(|(a, t)| a * t).sum();
+                }
+            }
+            for (out_row, taps) in dst.chunks_exact_mut(gw).zip(taps_h) {
+                for (k, t) in taps.weights.iter().enumerate() {
+                    let row = &rows[(taps.start + k) * gw..(taps.start + k + 1) * gw];
+                    for (o, v) in out_row.iter_mut().zip(row) {
+                        *o += t * v;
+                    }
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Average of each `kernel` x `kernel` window of a zero-padded plane, the zeros
+/// counted, into `pooled` (ph x pw values).
+fn avg_pool_plane(
+    src: &[f32],
+    (h, w): (usize, usize),
+    kernel: usize,
+    pad: usize,
+    (ph, pw): (usize, usize),
+    pooled: &mut Vec<f32>,
+) {
+    pooled.clear();
+    if kernel == 1 {
+        pooled.extend_from_slice(src);
+        return;
+    }
+    // Sums along rows first, into `pooled` at width pw and height h.
+    pooled.resize(h * pw + ph * pw, 0.0);
+    let (horizontal, vertical) = pooled.split_at_mut(h * pw);
+    for (row, line) in horizontal.chunks_exact_mut(pw).zip(src.chunks_exact(w)) {
+        for (x, r) in row.iter_mut().enumerate() {
+            // Window columns x - pad .. x - pad + kernel, clipped to the plane.
+            let first = x.saturating_sub(pad);
+            let end = (x + kernel).saturating_sub(pad).min(w);
+            *r = if first < end {
+                line[first..end].iter().sum()
+            } else {
+                0.0
+            };
+        }
+    }
+    let scale = 1.0 / (kernel * kernel) as f32;
+    for (y, row) in vertical.chunks_exact_mut(pw).enumerate() {
+        let first = y.saturating_sub(pad);
+        let end = (y + kernel).saturating_sub(pad).min(h);
+        for yy in first..end {
+            for (r, v) in row.iter_mut().zip(&horizontal[yy * pw..(yy + 1) * pw]) {
+                *r += v;
+            }
+        }
+        for r in row.iter_mut() {
+            *r *= scale;
+        }
+    }
+    pooled.drain(..h * pw);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,6 +801,56 @@ mod tests {
                              expected {b}"
                         );
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fusion_matches_pool_resize_and_cat() -> Result<()> {
+        use crate::model::ops::{avg_pool_same, resize};
+        use candle_core::{Device, Tensor};
+        let shapes = [
+            [2usize, 3, 12, 10],
+            [2, 2, 6, 5],
+            [2, 4, 3, 3],
+            [2, 1, 1, 2],
+        ];
+        for kernel in [1usize, 2, 3, 4] {
+            for grid in [(12usize, 10usize), (7, 9)] {
+                let tensors = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, shape)| {
+                        let n: usize = shape.iter().product();
+                        let data: Vec<f32> = (0..n)
+                            .map(|j| ((j * 31 + i * 7) % 17) as f32 - 8.0)
+                            .collect();
+                        Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let expected = tensors
+                    .iter()
+                    .map(|t| resize(&avg_pool_same(t, kernel)?, grid, ResizeMode::Bilinear))
+                    .collect::<Result<Vec<_>>>()?;
+                let expected = Tensor::cat(&expected, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                let values: Vec<Vec<f32>> = tensors
+                    .iter()
+                    .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .collect::<Result<_>>()?;
+                let maps: Vec<(&[f32], [usize; 4])> = values
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(v, s)| (v.as_slice(), *s))
+                    .collect();
+                let fused = pool_resize_concat(&maps, kernel, grid);
+                assert_eq!(fused.len(), expected.len());
+                for (i, (a, b)) in fused.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "kernel {kernel} grid {grid:?}: element {i} is {a}, expected {b}"
+                    );
                 }
             }
         }

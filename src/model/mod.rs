@@ -165,6 +165,13 @@ impl PatchFlow {
     /// Pools, resizes and concatenates backbone features into (B, C_fused, Hg, Wg).
     pub fn fuse(&self, feats: &[Tensor]) -> CandleResult<Tensor> {
         let grid = self.grid_size();
+        if !feats.is_empty()
+            && feats
+                .iter()
+                .all(|f| f.device().is_cpu() && f.dtype() == DType::F32 && f.rank() == 4)
+        {
+            return self.fuse_cpu(feats, grid);
+        }
         let pooled = feats
             .iter()
             .map(|f| {
@@ -176,6 +183,30 @@ impl PatchFlow {
             })
             .collect::<CandleResult<Vec<_>>>()?;
         Tensor::cat(&pooled, 1)
+    }
+
+    /// [`Self::fuse`] for f32 maps on the CPU, in one pass per output plane.
+    fn fuse_cpu(&self, feats: &[Tensor], (gh, gw): (usize, usize)) -> CandleResult<Tensor> {
+        let feats = feats
+            .iter()
+            .map(Tensor::contiguous)
+            .collect::<CandleResult<Vec<_>>>()?;
+        let storages: Vec<_> = feats.iter().map(|f| f.storage_and_layout()).collect();
+        let mut maps = Vec::with_capacity(feats.len());
+        for (f, (storage, layout)) in feats.iter().zip(&storages) {
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &**storage else {
+                candle_core::bail!("fusion expects f32 CPU feature maps");
+            };
+            let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+            let (b, c, h, w) = f.dims4()?;
+            maps.push((&data[start..end], [b, c, h, w]));
+        }
+        let batch = maps[0].1[0];
+        let channels = maps.iter().map(|(_, d)| d[1]).sum::<usize>();
+        let fused = cpu::pool_resize_concat(&maps, self.config.patch_size, (gh, gw));
+        drop(maps);
+        drop(storages);
+        Tensor::from_vec(fused, (batch, channels, gh, gw), &Device::Cpu)
     }
 
     /// Fused features of a normalised input: the frozen part of the model.
