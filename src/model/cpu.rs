@@ -589,36 +589,46 @@ pub fn pool_resize_concat(
         .flat_map(|(m, (_, dims))| (0..dims[1]).map(move |c| (m, c)))
         .collect();
     let plane = gh * gw;
-    let mut out = vec![0f32; batch * channels * plane];
-    out.par_chunks_mut(plane.max(1)).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(pooled, rows), (index, dst)| {
-            let (b, i) = (index / channels, index % channels);
-            let (m, c) = sources[i];
-            let (data, [_, cm, h, w]) = maps[m];
-            let (ph, pw, taps_h, taps_w) = &plans[m];
-            let src = &data[(b * cm + c) * h * w..][..h * w];
-            avg_pool_plane(src, (h, w), kernel, pad, (*ph, *pw), pooled);
-            // Along each row to the grid's width, then down the columns.
-            rows.clear();
-            rows.resize(ph * gw, 0.0);
-            for (y, row) in rows.chunks_exact_mut(gw).enumerate() {
-                let line = &pooled[y * pw..(y + 1) * pw];
-                for (r, taps) in row.iter_mut().zip(taps_w) {
-                    let window = &line[taps.start..taps.start + taps.weights.len()];
-                    *r = window.iter().zip(&taps.weights).map(|(a, t)| a * t).sum();
-                }
-            }
-            for (out_row, taps) in dst.chunks_exact_mut(gw).zip(taps_h) {
-                for (k, t) in taps.weights.iter().enumerate() {
-                    let row = &rows[(taps.start + k) * gw..(taps.start + k + 1) * gw];
-                    for (o, v) in out_row.iter_mut().zip(row) {
-                        *o += t * v;
+    let n = batch * channels * plane;
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new(), vec![0f32; gw]),
+            |(pooled, rows, line_out), (index, dst)| {
+                let (b, i) = (index / channels, index % channels);
+                let (m, c) = sources[i];
+                let (data, [_, cm, h, w]) = maps[m];
+                let (ph, pw, taps_h, taps_w) = &plans[m];
+                let src = &data[(b * cm + c) * h * w..][..h * w];
+                avg_pool_plane(src, (h, w), kernel, pad, (*ph, *pw), pooled);
+                // Along each row to the grid's width, then down the columns.
+                rows.clear();
+                rows.resize(ph * gw, 0.0);
+                for (y, row) in rows.chunks_exact_mut(gw).enumerate() {
+                    let line = &pooled[y * pw..(y + 1) * pw];
+                    for (r, taps) in row.iter_mut().zip(taps_w) {
+                        let window = &line[taps.start..taps.start + taps.weights.len()];
+                        *r = window.iter().zip(&taps.weights).map(|(a, t)| a * t).sum();
                     }
                 }
-            }
-        },
-    );
+                for (out_row, taps) in dst.chunks_exact_mut(gw).zip(taps_h) {
+                    line_out.fill(0.0);
+                    for (k, t) in taps.weights.iter().enumerate() {
+                        let row = &rows[(taps.start + k) * gw..(taps.start + k + 1) * gw];
+                        for (o, v) in line_out.iter_mut().zip(row) {
+                            *o += t * v;
+                        }
+                    }
+                    for (o, v) in out_row.iter_mut().zip(line_out.iter()) {
+                        o.write(*v);
+                    }
+                }
+            },
+        );
+    // SAFETY: the planes cover `..n`, and each writes all of its rows.
+    unsafe { out.set_len(n) };
     out
 }
 
