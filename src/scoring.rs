@@ -395,7 +395,9 @@ impl Scorer {
     /// Scores a packed 8-bit frame.
     pub fn score_frame(&self, frame: &PackedFrame) -> candle_core::Result<FrameScore> {
         frame.validate().map_err(candle_core::Error::msg)?;
-        self.score_chw(&frame.to_chw(), (frame.height, frame.width))
+        // The conversion and resizing before the forward pass run on the inference
+        // pool too.
+        crate::device::on_cpu_pool(|| self.score_chw(&frame.to_chw(), (frame.height, frame.width)))
     }
 }
 
