@@ -325,8 +325,8 @@ pub fn blend_heatmap(
     let alpha = alpha.clamp(0.0, 1.0);
     let bpp = layout.bytes_per_pixel();
     let offsets = layout.rgb_offsets();
-    // Rows in parallel: at 720p and above the blend costs as much as a tenth of a
-    // Lite0 forward pass.
+    // Rows in parallel, because at 720p the blend on one thread took about a fifth of
+    // the element's time per frame.
     data.par_chunks_mut(stride)
         .take(height)
         .zip(values.par_chunks(width))

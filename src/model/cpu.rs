@@ -338,7 +338,7 @@ const MAX_TAPS: usize = 49;
 /// Sizes of one depthwise "SAME" convolution of an (h, w) plane.
 ///
 /// The kernel reads the zero-padded input through `stride` phase planes: phase `p`
-/// holds padded columns `p, p + stride, p + 2 stride, ...`, so that tap `kx` of
+/// contains padded columns `p, p + stride, p + 2 stride, ...`, so that tap `kx` of
 /// consecutive outputs reads consecutive values of phase `kx % stride`, starting at
 /// column `kx / stride`. Phase rows are long enough for whole blocks of [`LANES`]
 /// outputs, with zeros past the padded row.
