@@ -245,6 +245,53 @@ impl FlowBlock {
         Ok((y, coupling.broadcast_add(&global)?))
     }
 
+    /// Eval-mode forward pass without the log-determinant, for scoring. On the CPU the
+    /// coupling, global affine and permutation run as one pass over the values.
+    pub fn transform(&self, x: &Tensor) -> CandleResult<Tensor> {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(self.forward(x, false)?.0);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let (c1, c2) = (self.dims.passive(), self.dims.active());
+        let x = x.contiguous()?;
+        let subnet = self.subnet_eval(&x.narrow(1, 0, c1)?)?.contiguous()?;
+        let g = global_scale_activation(&self.global_scale)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let offset = self.global_offset.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let a = subnet.flatten_all()?.to_vec1::<f32>()?;
+        let plane = h * w;
+        let mut y = vec![0f32; b * c * plane];
+        {
+            use rayon::prelude::*;
+            y.par_chunks_mut(plane.max(1))
+                .enumerate()
+                .for_each(|(index, out)| {
+                    let (item, i) = (index / c, index % c);
+                    // Output channel i is channel perm[i] of the coupled values u.
+                    let p = self.perm_index[i];
+                    let input = |ch: usize| &xs[(item * c + ch) * plane..][..plane];
+                    let (scale, shift) = (g[p], offset[p]);
+                    if p < c1 {
+                        for (o, v) in out.iter_mut().zip(input(p)) {
+                            *o = v * scale + shift;
+                        }
+                    } else {
+                        let j = p - c1;
+                        let a_s = &a[(item * 2 * c2 + j) * plane..][..plane];
+                        let a_t = &a[(item * 2 * c2 + c2 + j) * plane..][..plane];
+                        for (((o, v), s), t) in out.iter_mut().zip(input(p)).zip(a_s).zip(a_t) {
+                            let s = CLAMP as f32 * (SUBNET_DAMPING as f32 * s).tanh();
+                            let coupled = v * s.exp() + SUBNET_DAMPING as f32 * t;
+                            *o = coupled * scale + shift;
+                        }
+                    }
+                });
+        }
+        Tensor::from_vec(y, (b, c, h, w), x.device())
+    }
+
     /// Inverse pass (eval-mode BatchNorm): returns `(x, log|det J^-1|)`.
     pub fn inverse(&self, y: &Tensor) -> CandleResult<(Tensor, Tensor)> {
         let (_, _, h, w) = y.dims4()?;
@@ -291,6 +338,15 @@ impl Flow {
             logdet = (logdet + ld)?;
         }
         Ok((z, logdet))
+    }
+
+    /// Returns `z` in eval mode, without the log-determinant.
+    pub fn transform(&self, x: &Tensor) -> CandleResult<Tensor> {
+        let mut z = x.clone();
+        for block in &self.blocks {
+            z = block.transform(&z)?;
+        }
+        Ok(z)
     }
 
     /// Maps `z` back to the flow input.

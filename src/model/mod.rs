@@ -245,10 +245,40 @@ impl PatchFlow {
     }
 
     fn forward_here(&self, x: &Tensor) -> CandleResult<Inference> {
-        let fused = self.embed(x)?;
-        let (z, _) = self.flow_forward(&fused, false)?;
-        let (map, score) = self.anomaly_map(&z)?;
-        let log_map = self.log_map(&z)?;
+        self.score_fused(&self.embed(x)?)
+    }
+
+    /// The eval-mode forward pass after [`Self::embed`]: adaptor, flow, anomaly map and
+    /// scores.
+    pub fn score_fused(&self, fused: &Tensor) -> CandleResult<Inference> {
+        if !fused.device().is_cpu() || fused.dtype() != DType::F32 {
+            let (z, _) = self.flow_forward(fused, false)?;
+            let (map, score) = self.anomaly_map(&z)?;
+            let log_map = self.log_map(&z)?;
+            let log_score = log_map.flatten_from(1)?.max(D::Minus1)?;
+            return Ok(Inference {
+                anomaly_map: self.uncrop(&map)?,
+                score,
+                log_map,
+                log_score,
+            });
+        }
+        // The same computation with the CPU kernels: the adaptor as a matrix product with
+        // its bias, the flow without the log-determinant, and the map from the per-patch
+        // mean of z^2 in one pass (`-exp(-0.5 mean z^2)` is `-exp(-log_map)`).
+        let adapted = ops::conv_same(
+            fused,
+            &self.adaptor_w,
+            &self.adaptor_b,
+            1,
+            ops::Activation::None,
+        )?;
+        let z = self.flow.transform(&adapted)?;
+        let log_map = half_mean_square(&z)?;
+        let low = log_map.neg()?.exp()?.neg()?;
+        let [h, w] = self.config.internal_size();
+        let map = ops::resize(&low, (h, w), ResizeMode::Bilinear)?;
+        let score = map.flatten_from(1)?.max(D::Minus1)?;
         let log_score = log_map.flatten_from(1)?.max(D::Minus1)?;
         Ok(Inference {
             anomaly_map: self.uncrop(&map)?,
@@ -300,6 +330,26 @@ impl PatchFlow {
         }
         Tensor::from_vec(data, (1, 3, ih, iw), self.device())
     }
+}
+
+/// `0.5 mean_c z^2` of an f32 CPU tensor (B, C, H, W), as (B, 1, H, W).
+fn half_mean_square(z: &Tensor) -> CandleResult<Tensor> {
+    let (b, c, h, w) = z.dims4()?;
+    let values = z.flatten_all()?.to_vec1::<f32>()?;
+    let plane = h * w;
+    let mut out = vec![0f32; b * plane];
+    for (item, sums) in out.chunks_exact_mut(plane.max(1)).enumerate() {
+        for channel in values[item * c * plane..(item + 1) * c * plane].chunks_exact(plane) {
+            for (sum, v) in sums.iter_mut().zip(channel) {
+                *sum += v * v;
+            }
+        }
+        let scale = 0.5 / c as f32;
+        for sum in sums.iter_mut() {
+            *sum *= scale;
+        }
+    }
+    Tensor::from_vec(out, (b, 1, h, w), z.device())
 }
 
 /// Looks the backbone architecture up by its timm name.
