@@ -66,6 +66,36 @@ fn forward_shapes() {
 }
 
 #[test]
+fn concurrent_forward_passes_agree() {
+    // Several callers share the process's inference pool, as the cameras of a line do.
+    // A worker that waits inside one pass may run part of another on the same stack,
+    // so no kernel may keep per-thread state borrowed across its parallel work.
+    let (model, _) = train::init_model(&small_config(), &fixtures::backbone_path(), 0).unwrap();
+    let input = |seed: usize| {
+        let data: Vec<f32> = (0..3 * 64 * 64)
+            .map(|i| (((i + seed) * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, (1, 3, 64, 64), &Device::Cpu).unwrap()
+    };
+    let score = |x: &Tensor| model.forward(x).unwrap().score.to_vec1::<f32>().unwrap()[0];
+    let expected: Vec<f32> = (0..4).map(|seed| score(&input(seed))).collect();
+    std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..4)
+            .map(|seed| {
+                let (x, score) = (input(seed), &score);
+                scope.spawn(move || (0..20).map(|_| score(&x)).collect::<Vec<f32>>())
+            })
+            .collect();
+        for (seed, caller) in callers.into_iter().enumerate() {
+            let scores = caller.join().expect("a concurrent forward pass panicked");
+            for value in scores {
+                assert_eq!(value, expected[seed], "caller {seed}");
+            }
+        }
+    });
+}
+
+#[test]
 fn log_map_matches_anomaly_map() {
     let (model, _) = train::init_model(&small_config(), &fixtures::backbone_path(), 0).unwrap();
     let (image, h, w) = patchflow::imageops::load_rgb_chw(&fixtures::image("gravel.png")).unwrap();

@@ -7,7 +7,7 @@
 //! against 1.8 ms for the 1x1 convolution's matrix product itself. The stem's 3x3/s2
 //! `conv2d` took 25 ms. These kernels do the same work in one pass per plane.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
@@ -47,7 +47,7 @@ pub struct GemmConv {
 thread_local! {
     /// Column matrix of the last im2col on this thread, kept so that steady-state
     /// inference does not allocate it again. It only grows.
-    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static COLUMNS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 impl GemmConv {
@@ -91,24 +91,27 @@ impl GemmConv {
         if plane > 0 {
             let depth = c * k * k;
             let direct = k == 1 && s == 1;
-            COLUMNS.with_borrow_mut(|columns| {
-                for (image, dst) in x
-                    .chunks_exact(c * h * w)
-                    .zip(out.chunks_exact_mut(out_c * plane))
-                {
-                    let cols: &[f32] = if direct {
-                        image
-                    } else {
-                        if columns.len() < depth * plane {
-                            columns.resize(depth * plane, 0.0);
-                        }
-                        let cols = &mut columns[..depth * plane];
-                        im2col(image, (c, h, w), k, s, self.padding, cols);
-                        cols
-                    };
-                    multiply_add(weight, cols, dst, (out_c, depth, plane));
-                }
-            });
+            // The buffer leaves the thread-local while in use: a worker that waits for
+            // the parallel im2col or product may meanwhile run another convolution on
+            // the same thread, which then starts from an empty buffer.
+            let mut columns = COLUMNS.take();
+            for (image, dst) in x
+                .chunks_exact(c * h * w)
+                .zip(out.chunks_exact_mut(out_c * plane))
+            {
+                let cols: &[f32] = if direct {
+                    image
+                } else {
+                    if columns.len() < depth * plane {
+                        columns.resize(depth * plane, 0.0);
+                    }
+                    let cols = &mut columns[..depth * plane];
+                    im2col(image, (c, h, w), k, s, self.padding, cols);
+                    cols
+                };
+                multiply_add(weight, cols, dst, (out_c, depth, plane));
+            }
+            COLUMNS.set(columns);
         }
         if self.activation != Activation::None {
             out.par_chunks_mut(plane.max(1))
