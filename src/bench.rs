@@ -18,6 +18,15 @@ use crate::model::{ModelConfig, PatchFlow, Weights, synthetic};
 /// Named configurations the benchmark accepts.
 pub const CONFIGS: [&str; 3] = ["lite0", "b5", "resnet18"];
 
+/// Largest batch size the benchmark accepts.
+pub const MAX_BATCH: usize = 64;
+/// Largest thread count the benchmark accepts.
+pub const MAX_THREADS: usize = 256;
+/// Largest number of timed or warm-up passes the benchmark accepts.
+pub const MAX_PASSES: usize = 10_000;
+/// Longest time limit per measurement, in seconds (one day).
+pub const MAX_SECONDS: f64 = 86_400.0;
+
 /// Builds the model of a named configuration with deterministic synthetic weights.
 /// Speed does not depend on the weight values, and synthetic weights let every
 /// configuration run without downloading its pretrained backbone.
@@ -196,11 +205,12 @@ fn run_child(mut cmd: std::process::Command, what: &str) -> Result<BenchResult> 
         .output()
         .with_context(|| format!("cannot start {what}"))?;
     if !output.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = stderr.trim();
+        if stderr.is_empty() {
+            bail!("{what} failed ({}) without output", output.status);
+        }
+        bail!("{what} failed ({}): {stderr}", output.status);
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
@@ -253,12 +263,16 @@ pub fn run_matrix(
                                 &threads.to_string(),
                             ])
                             .args(budget_args(&opts.budget));
-                        Some(run_child(
-                            cmd,
-                            &format!(
-                                "the PyTorch {config} benchmark (batch {batch}, {threads} threads)"
-                            ),
-                        )?)
+                        let what = format!(
+                            "the PyTorch {config} benchmark (batch {batch}, {threads} threads)"
+                        );
+                        Some(run_child(cmd, &what).with_context(|| {
+                            format!(
+                                "{} must be the Python of the reference environment, with torch, \
+                                 timm and anomalib 2.7.0 (scripts/reference/README.md)",
+                                python.display()
+                            )
+                        })?)
                     }
                     None => None,
                 };

@@ -167,16 +167,16 @@ struct BenchArgs {
     /// resnet18 (256x256, 3 scales).
     #[arg(long, value_delimiter = ',', default_value = "lite0")]
     configs: Vec<String>,
-    /// Batch sizes.
+    /// Batch sizes, 1 to 64.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     batch: Vec<usize>,
-    /// CPU thread counts.
+    /// CPU thread counts, 1 to 256, each measured in its own process.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
     /// Untimed passes before measuring.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Timed passes per measurement.
+    /// Timed passes per measurement, at least 1.
     #[arg(long, default_value_t = 20)]
     iterations: usize,
     /// Stop a measurement after this many seconds, once 3 passes ran.
@@ -579,13 +579,76 @@ fn run_info(model: &Path) -> Result<()> {
 
 fn run_bench(args: &BenchArgs) -> Result<()> {
     use patchflow::bench;
-    if args.max_seconds.is_nan() || args.max_seconds < 0.0 {
-        return Err(UsageError(format!(
-            "invalid --max-seconds {}: expected a positive number",
-            args.max_seconds
-        ))
-        .into());
+    let usage = |message: String| -> anyhow::Error { UsageError(message).into() };
+    if !(args.max_seconds > 0.0 && args.max_seconds <= bench::MAX_SECONDS) {
+        return Err(usage(format!(
+            "invalid --max-seconds {}: expected a number of seconds above 0 and at most {}",
+            args.max_seconds,
+            bench::MAX_SECONDS
+        )));
     }
+    if let Some(batch) = args
+        .batch
+        .iter()
+        .find(|b| !(1..=bench::MAX_BATCH).contains(*b))
+    {
+        return Err(usage(format!(
+            "invalid --batch {batch}: expected 1 to {}",
+            bench::MAX_BATCH
+        )));
+    }
+    if let Some(threads) = args
+        .threads
+        .iter()
+        .find(|t| !(1..=bench::MAX_THREADS).contains(*t))
+    {
+        return Err(usage(format!(
+            "invalid --threads {threads}: expected 1 to {}",
+            bench::MAX_THREADS
+        )));
+    }
+    if !(1..=bench::MAX_PASSES).contains(&args.iterations) {
+        return Err(usage(format!(
+            "invalid --iterations {}: expected 1 to {}",
+            args.iterations,
+            bench::MAX_PASSES
+        )));
+    }
+    if args.warmup > bench::MAX_PASSES {
+        return Err(usage(format!(
+            "invalid --warmup {}: expected at most {}",
+            args.warmup,
+            bench::MAX_PASSES
+        )));
+    }
+    if let Some(path) = &args.json {
+        let folder = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !folder.is_dir() {
+            return Err(usage(format!(
+                "invalid --json {}: folder {} not found; create it first",
+                path.display(),
+                folder.display()
+            )));
+        }
+    }
+    let torch_python = match &args.torch_python {
+        Some(python) if !python.is_file() => {
+            return Err(usage(format!(
+                "invalid --torch-python {}: file not found; expected the Python of the reference \
+                 environment, data/reference-venv/bin/python (scripts/reference/README.md \
+                 explains how to create it)",
+                python.display()
+            )));
+        }
+        Some(python) => Some(
+            std::path::absolute(python)
+                .with_context(|| format!("cannot resolve --torch-python {}", python.display()))?,
+        ),
+        None => None,
+    };
     let budget = bench::Budget {
         warmup: args.warmup,
         iterations: args.iterations,
@@ -612,7 +675,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         batches: args.batch.clone(),
         threads: args.threads.clone(),
         budget,
-        torch_python: args.torch_python.clone(),
+        torch_python,
     };
     let exe = std::env::current_exe().context("cannot find the patchflow executable")?;
     let rows = bench::run_matrix(&exe, &opts, |row| {

@@ -144,6 +144,49 @@ fn train_info_predict() {
 }
 
 #[test]
+fn bench_rejects_invalid_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_folder = dir.path().join("missing").join("bench.json");
+    let missing_python = dir.path().join("python");
+    let cases: [(Vec<std::ffi::OsString>, &str); 7] = [
+        (vec!["--threads".into(), "0".into()], "invalid --threads 0"),
+        (
+            vec!["--batch".into(), "100000".into()],
+            "invalid --batch 100000",
+        ),
+        (
+            vec!["--max-seconds".into(), "inf".into()],
+            "invalid --max-seconds inf",
+        ),
+        (
+            vec!["--iterations".into(), "0".into()],
+            "invalid --iterations 0",
+        ),
+        (
+            vec!["--warmup".into(), "99999999".into()],
+            "invalid --warmup 99999999",
+        ),
+        (
+            vec!["--json".into(), missing_folder.clone().into()],
+            "not found; create it first",
+        ),
+        (
+            vec!["--torch-python".into(), missing_python.clone().into()],
+            "data/reference-venv/bin/python",
+        ),
+    ];
+    for (args, expected) in cases {
+        // Each is rejected before any measurement starts, so the run takes no time.
+        let out = run(patchflow()
+            .args(["bench", "--configs", "lite0"])
+            .args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn predict_rejects_threshold_outside_domain() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path());
