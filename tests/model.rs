@@ -113,9 +113,21 @@ fn log_map_matches_anomaly_map() {
         .to_vec1::<f32>()
         .unwrap();
     let from_forward = out.log_map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(log_grid, from_forward);
+    // On the CPU the forward pass computes the adaptor, the flow and the map with its
+    // own kernels, which sum in a different order than the tensor operations above, so
+    // the two agree to float32 rounding rather than bit for bit.
+    assert_eq!(log_grid.len(), from_forward.len());
+    for (i, (a, b)) in log_grid.iter().zip(&from_forward).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "patch {i}: {a} from z, {b} from forward"
+        );
+    }
     let log_score = out.log_score.to_vec1::<f32>().unwrap()[0];
-    let max_l = log_grid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max_l = from_forward
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     assert_eq!(log_score, max_l);
     // The map is -exp(-l) upsampled 8x with bilinear weights, a convex combination, so
     // the image score is at most m = -exp(-max l). The output pixels next to the centre

@@ -181,7 +181,19 @@ impl FlowBlock {
         let (mean, var) = self.running_stats();
         let scale = (&self.bn_w / var.affine(1.0, BN_EPS)?.sqrt()?)?;
         let shift = (&self.bn_b - (&mean * &scale)?)?;
-        let w1 = self.conv1_w.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+        let w1 = if self.conv1_w.device().is_cpu() && self.conv1_w.dtype() == DType::F32 {
+            // One pass in place of candle's broadcast product, which hands tensors of
+            // this size to candle's own thread pool on every call.
+            let scale_values = scale.to_vec1::<f32>()?;
+            let mut weights = self.conv1_w.flatten_all()?.to_vec1::<f32>()?;
+            let per_channel = weights.len() / scale_values.len().max(1);
+            for (channel, s) in weights.chunks_exact_mut(per_channel).zip(&scale_values) {
+                channel.iter_mut().for_each(|w| *w *= s);
+            }
+            Tensor::from_vec(weights, self.conv1_w.shape(), self.conv1_w.device())?
+        } else {
+            self.conv1_w.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?
+        };
         let b1 = ((&self.conv1_b * &scale)? + shift)?;
         let h = ops::conv_same(x1, &self.conv0_w, &self.conv0_b, 1, Activation::None)?;
         ops::conv_same(&h, &w1, &b1, 1, Activation::LeakyRelu)
