@@ -201,6 +201,7 @@ fn budget_args(budget: &Budget) -> Vec<String> {
 
 /// Runs one child process and parses the JSON result it prints last.
 fn run_child(mut cmd: std::process::Command, what: &str) -> Result<BenchResult> {
+    end_with_parent(&mut cmd);
     let output = cmd
         .output()
         .with_context(|| format!("cannot start {what}"))?;
@@ -220,6 +221,26 @@ fn run_child(mut cmd: std::process::Command, what: &str) -> Result<BenchResult> 
         .with_context(|| format!("{what} printed no result"))?;
     serde_json::from_str(line).with_context(|| format!("cannot parse the result of {what}: {line}"))
 }
+
+/// Makes a measuring child receive SIGTERM when this process ends, so that stopping
+/// `patchflow bench` with a plain `kill` does not leave the child measuring.
+#[cfg(target_os = "linux")]
+fn end_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn end_with_parent(_cmd: &mut std::process::Command) {}
 
 /// Runs every (configuration, batch, threads) combination, each in its own child
 /// process of `exe` (this program, with `bench --single`), and, when asked, the same
