@@ -24,7 +24,7 @@ pub const MAX_BATCH: usize = 64;
 pub const MAX_THREADS: usize = 256;
 /// Largest number of timed or warm-up passes the benchmark accepts.
 pub const MAX_PASSES: usize = 10_000;
-/// Longest time limit per measurement, in seconds (one day).
+/// Maximum time limit per measurement, in seconds (one day).
 pub const MAX_SECONDS: f64 = 86_400.0;
 
 /// Builds the model of a named configuration with deterministic synthetic weights.

@@ -114,7 +114,7 @@ fn log_map_matches_anomaly_map() {
         .unwrap();
     let from_forward = out.log_map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     // On the CPU the forward pass computes the adaptor, the flow and the map with its
-    // own kernels, which sum in a different order than the tensor operations above, so
+    // own kernels. They sum in a different order than the tensor operations above, so
     // the two agree to float32 rounding rather than bit for bit.
     assert_eq!(log_grid.len(), from_forward.len());
     for (i, (a, b)) in log_grid.iter().zip(&from_forward).enumerate() {

@@ -359,7 +359,7 @@ struct DepthwiseGeometry {
     rows: usize,
     /// Values per phase row.
     phase_width: usize,
-    /// Where tap `ky * kernel + kx` of output (0, 0) reads in the phase planes, so
+    /// Offset in the phase planes of tap `ky * kernel + kx` of output (0, 0), kept so
     /// that the inner loop does no division by the stride.
     offsets: [usize; MAX_TAPS],
 }
@@ -457,8 +457,8 @@ fn depthwise_plane_avx2(
     depthwise_plane_body::<true>(g, x, weight, bias, activation, phases, dst);
 }
 
-/// The kernel body, inlined into each CPU-feature variant so that the compiler
-/// vectorises it for that instruction set. `FMA` selects fused multiply-adds, which
+/// Convolves one plane. The body is inlined into each CPU-feature variant so that the
+/// compiler vectorises it for that instruction set. `FMA` selects fused multiply-adds, which
 /// are only fast where the CPU has them.
 #[inline(always)]
 fn depthwise_plane_body<const FMA: bool>(

@@ -204,8 +204,6 @@ impl PatchFlow {
         let batch = maps[0].1[0];
         let channels = maps.iter().map(|(_, d)| d[1]).sum::<usize>();
         let fused = cpu::pool_resize_concat(&maps, self.config.patch_size, (gh, gw));
-        drop(maps);
-        drop(storages);
         Tensor::from_vec(fused, (batch, channels, gh, gw), &Device::Cpu)
     }
 
@@ -226,9 +224,14 @@ impl PatchFlow {
 
     /// Anomaly map at the internal size (B, 1, Hi, Wi) and image score (B,) from `z`.
     pub fn anomaly_map(&self, z: &Tensor) -> CandleResult<(Tensor, Tensor)> {
-        let low = z.sqr()?.mean_keepdim(1)?.affine(-0.5, 0.0)?.exp()?.neg()?;
+        self.upsample_map(&z.sqr()?.mean_keepdim(1)?.affine(-0.5, 0.0)?.exp()?.neg()?)
+    }
+
+    /// Resizes a map on the flow grid to the internal size and returns it with its
+    /// maximum per image.
+    fn upsample_map(&self, low: &Tensor) -> CandleResult<(Tensor, Tensor)> {
         let [h, w] = self.config.internal_size();
-        let map = ops::resize(&low, (h, w), ResizeMode::Bilinear)?;
+        let map = ops::resize(low, (h, w), ResizeMode::Bilinear)?;
         let score = map.flatten_from(1)?.max(D::Minus1)?;
         Ok((map, score))
     }
@@ -248,37 +251,27 @@ impl PatchFlow {
         self.score_fused(&self.embed(x)?)
     }
 
-    /// The eval-mode forward pass after [`Self::embed`]: adaptor, flow, anomaly map and
-    /// scores.
+    /// Runs the eval-mode forward pass from fused features (see [`Self::embed`]): the
+    /// adaptor, the flow, the anomaly map and the scores.
     pub fn score_fused(&self, fused: &Tensor) -> CandleResult<Inference> {
-        if !fused.device().is_cpu() || fused.dtype() != DType::F32 {
+        let ((map, score), log_map) = if fused.device().is_cpu() && fused.dtype() == DType::F32 {
+            // The CPU kernels: the adaptor as a matrix product with its bias, the flow
+            // without the log-determinant, and the map from one pass over z, because
+            // `-exp(-0.5 mean z^2)` is `-exp(-log_map)`.
+            let adapted = ops::conv_same(
+                fused,
+                &self.adaptor_w,
+                &self.adaptor_b,
+                1,
+                ops::Activation::None,
+            )?;
+            let z = self.flow.transform(&adapted)?;
+            let log_map = half_mean_square(&z)?;
+            (self.upsample_map(&log_map.neg()?.exp()?.neg()?)?, log_map)
+        } else {
             let (z, _) = self.flow_forward(fused, false)?;
-            let (map, score) = self.anomaly_map(&z)?;
-            let log_map = self.log_map(&z)?;
-            let log_score = log_map.flatten_from(1)?.max(D::Minus1)?;
-            return Ok(Inference {
-                anomaly_map: self.uncrop(&map)?,
-                score,
-                log_map,
-                log_score,
-            });
-        }
-        // The same computation with the CPU kernels: the adaptor as a matrix product with
-        // its bias, the flow without the log-determinant, and the map from the per-patch
-        // mean of z^2 in one pass (`-exp(-0.5 mean z^2)` is `-exp(-log_map)`).
-        let adapted = ops::conv_same(
-            fused,
-            &self.adaptor_w,
-            &self.adaptor_b,
-            1,
-            ops::Activation::None,
-        )?;
-        let z = self.flow.transform(&adapted)?;
-        let log_map = half_mean_square(&z)?;
-        let low = log_map.neg()?.exp()?.neg()?;
-        let [h, w] = self.config.internal_size();
-        let map = ops::resize(&low, (h, w), ResizeMode::Bilinear)?;
-        let score = map.flatten_from(1)?.max(D::Minus1)?;
+            (self.anomaly_map(&z)?, self.log_map(&z)?)
+        };
         let log_score = log_map.flatten_from(1)?.max(D::Minus1)?;
         Ok(Inference {
             anomaly_map: self.uncrop(&map)?,
